@@ -1,0 +1,143 @@
+//! [`Outbox`]: validates messages and writes them on the caller's connection.
+
+use uuid::Uuid;
+
+use crate::{Error, Event, Message, Result, store::OutboxConnection, validate::Limits};
+
+/// Writes messages into the outbox table on a connection you own, normally
+/// inside the transaction that changes your business rows.
+///
+/// Cheap to clone; holds only the validation limits. Each call is one
+/// `INSERT` (one round trip), a batch included.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use consign_outbox::{Message, Outbox};
+///
+/// let outbox = Outbox::new();
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+///     .execute(&mut *tx)
+///     .await?;
+/// outbox
+///     .enqueue(&mut *tx, Message::new("accounts", "Debited", b"{}".to_vec()).with_key("1"))
+///     .await?;
+/// tx.commit().await?; // the event exists if and only if this commit succeeds
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    limits: Limits,
+}
+
+impl Outbox {
+    /// An outbox with the default [`Limits`].
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A builder to change the limits.
+    pub fn builder() -> OutboxBuilder {
+        OutboxBuilder::default()
+    }
+
+    /// The limits messages are checked against.
+    #[must_use]
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Checks a message without writing it.
+    ///
+    /// # Errors
+    /// The first rule the message breaks (see [`Error`]).
+    pub fn validate(&self, msg: &Message) -> Result<()> {
+        self.limits.check(msg)
+    }
+
+    /// Validates `msg` and inserts it. Returns its id.
+    ///
+    /// # Errors
+    /// A validation error (nothing was sent; the transaction is intact) or
+    /// [`Error::Database`] (the transaction is aborted).
+    pub async fn enqueue<C>(&self, conn: &mut C, msg: Message) -> Result<Uuid>
+    where
+        C: OutboxConnection + ?Sized,
+    {
+        self.validate(&msg)?;
+        let id = msg.id();
+        conn.insert_messages(std::slice::from_ref(&msg)).await?;
+        Ok(id)
+    }
+
+    /// Validates every message, then inserts them all with one statement, in
+    /// the given order. Returns their ids in the same order.
+    ///
+    /// # Errors
+    /// [`Error::InBatch`] naming the first invalid message (nothing was
+    /// written), or [`Error::Database`].
+    pub async fn enqueue_batch<C>(&self, conn: &mut C, msgs: &[Message]) -> Result<Vec<Uuid>>
+    where
+        C: OutboxConnection + ?Sized,
+    {
+        for (index, msg) in msgs.iter().enumerate() {
+            self.validate(msg).map_err(|source| Error::InBatch {
+                index,
+                source: Box::new(source),
+            })?;
+        }
+        if !msgs.is_empty() {
+            conn.insert_messages(msgs).await?;
+        }
+        Ok(msgs.iter().map(Message::id).collect())
+    }
+
+    /// Serializes a typed [`Event`] as JSON and enqueues it.
+    ///
+    /// # Errors
+    /// As [`Outbox::enqueue`], plus [`Error::Serialize`].
+    pub async fn enqueue_event<C, E>(&self, conn: &mut C, event: &E) -> Result<Uuid>
+    where
+        C: OutboxConnection + ?Sized,
+        E: Event,
+    {
+        self.enqueue(conn, Message::from_event(event)?).await
+    }
+}
+
+/// Configures an [`Outbox`].
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct OutboxBuilder {
+    limits: Limits,
+}
+
+impl OutboxBuilder {
+    /// Largest payload accepted, in bytes (default 900 KiB). Keep it, plus
+    /// key and headers, under the topic's `max.message.bytes`.
+    pub fn max_payload_bytes(mut self, limit: usize) -> Self {
+        self.limits.max_payload_bytes = limit;
+        self
+    }
+
+    /// Largest key accepted, in bytes (default 4096).
+    pub fn max_key_bytes(mut self, limit: usize) -> Self {
+        self.limits.max_key_bytes = limit;
+        self
+    }
+
+    /// Largest total of header names and values, in bytes (default 64 KiB).
+    pub fn max_header_bytes(mut self, limit: usize) -> Self {
+        self.limits.max_header_bytes = limit;
+        self
+    }
+
+    /// The configured outbox.
+    #[must_use]
+    pub fn build(self) -> Outbox {
+        Outbox {
+            limits: self.limits,
+        }
+    }
+}

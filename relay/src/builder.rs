@@ -1,0 +1,177 @@
+//! [`RelayBuilder`]: assembles a [`Relay`] from a pool, producer properties
+//! and [`RelaySettings`].
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use rdkafka::{ClientConfig, error::KafkaError};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{Error, Relay, RelaySettings, Result, publish::Publisher};
+
+/// Producer properties consign sets unless the user overrides them.
+///
+/// Idempotence (which implies `acks=all` and bounded in-flight requests)
+/// keeps per-partition order across retries; murmur2 places keys where the
+/// Java client would; short linger and reconnect backoff keep latency low;
+/// a bounded message timeout turns long outages into visible row errors.
+pub const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("partitioner", "murmur2_random"),
+    ("linger.ms", "1"),
+    ("message.timeout.ms", "30000"),
+    ("reconnect.backoff.max.ms", "1000"),
+    ("client.id", "consign-relay"),
+];
+
+/// Properties that weaken the relay's guarantees when changed.
+const GUARANTEES: [(&str, &[&str]); 2] =
+    [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
+
+/// A callback told the ids of messages the broker acknowledged.
+pub(crate) type PublishedHook = Arc<dyn Fn(&[Uuid]) + Send + Sync>;
+
+/// Builds a [`Relay`].
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), consign_relay::Error> {
+/// use consign_relay::Relay;
+///
+/// let relay = Relay::builder(pool)
+///     .kafka("bootstrap.servers", "localhost:9092")
+///     .batch_size(500)
+///     .build()?;
+/// let handle = relay.spawn();
+/// // ... after each commit that enqueued events:
+/// handle.wake();
+/// // ... at exit:
+/// handle.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct RelayBuilder {
+    pool: PgPool,
+    kafka: BTreeMap<String, String>,
+    settings: RelaySettings,
+    on_published: Option<PublishedHook>,
+}
+
+impl std::fmt::Debug for RelayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("kafka", &self.kafka)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayBuilder {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            kafka: BTreeMap::new(),
+            settings: RelaySettings::default(),
+            on_published: None,
+        }
+    }
+
+    /// Sets a librdkafka producer property (`bootstrap.servers` is required).
+    pub fn kafka(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.kafka.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets several librdkafka producer properties.
+    pub fn kafka_properties<K, V>(mut self, properties: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.kafka
+            .extend(properties.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Replaces all settings (batching, polling, retries, shutdown).
+    pub fn settings(mut self, settings: RelaySettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Rows per batch (default 1000).
+    pub fn batch_size(mut self, rows: u32) -> Self {
+        self.settings.batch_size = rows;
+        self
+    }
+
+    /// Publish only these outbox partitions (default: all).
+    pub fn partitions(mut self, partitions: impl IntoIterator<Item = i16>) -> Self {
+        self.settings.partitions = Some(partitions.into_iter().collect());
+        self
+    }
+
+    /// Calls `hook` with the ids of every batch of messages the broker has
+    /// acknowledged, before their rows are deleted. Keep it fast: it runs on
+    /// the relay's task.
+    pub fn on_published(mut self, hook: impl Fn(&[Uuid]) + Send + Sync + 'static) -> Self {
+        self.on_published = Some(Arc::new(hook));
+        self
+    }
+
+    /// Validates the settings and creates the Kafka producer. Connecting to
+    /// the database and the brokers happens when the relay runs, with retries.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the invalid setting or producer property.
+    pub fn build(self) -> Result<Relay> {
+        self.settings.validate()?;
+        let config = producer_config(&self.kafka)?;
+        let publisher = Publisher::new(config).map_err(kafka_config_error)?;
+        Ok(Relay::new(
+            self.pool,
+            publisher,
+            self.settings,
+            self.on_published,
+        ))
+    }
+}
+
+fn producer_config(user: &BTreeMap<String, String>) -> Result<ClientConfig> {
+    if user
+        .get("bootstrap.servers")
+        .is_none_or(|s| s.trim().is_empty())
+    {
+        return Err(Error::config(
+            "kafka.bootstrap.servers",
+            "required: the brokers to connect to, e.g. \"localhost:9092\"",
+        ));
+    }
+    for (key, safe) in GUARANTEES {
+        if let Some(value) = user.get(key).filter(|v| !safe.contains(&v.as_str())) {
+            tracing::warn!(
+                property = key,
+                value = %value,
+                "this producer setting weakens consign's ordering and no-loss guarantees"
+            );
+        }
+    }
+    let mut config = ClientConfig::new();
+    for (key, value) in PRODUCER_DEFAULTS {
+        config.set(key, value);
+    }
+    for (key, value) in user {
+        config.set(key, value);
+    }
+    Ok(config)
+}
+
+fn kafka_config_error(error: KafkaError) -> Error {
+    match error {
+        KafkaError::ClientConfig(_, description, key, value) => Error::config(
+            format!("kafka.{key}"),
+            format!("librdkafka refused {key:?} = {value:?}: {description}"),
+        ),
+        other => Error::Kafka(other),
+    }
+}

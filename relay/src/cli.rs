@@ -1,0 +1,110 @@
+//! The `consign-relay` command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::{Config, Relay, Result};
+
+/// consign-relay: publishes committed outbox rows to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "consign-relay", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML; see reference.toml). Environment variables
+    /// CONSIGN_<SECTION>__<FIELD> and DATABASE_URL override it.
+    #[arg(long, short, env = "CONSIGN_CONFIG", global = true)]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish outbox rows until SIGTERM or SIGINT.
+    Run,
+    /// Create or upgrade consign's tables (safe to run again).
+    Migrate,
+}
+
+/// Parses the arguments, runs the command, prints any error, returns the
+/// exit status (1 on error).
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run => run(config).await,
+        Command::Migrate => migrate(&config).await,
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    config.validate()?;
+    let relay = Relay::builder(config.database.connect_lazy()?)
+        .kafka_properties(config.kafka_properties())
+        .settings(config.relay)
+        .build()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    relay.run(shutdown).await
+}
+
+async fn migrate(config: &Config) -> Result<()> {
+    config.database.validate()?;
+    let pool = config.database.connect_lazy()?;
+    consign_outbox::migrate(&pool).await?;
+    let latest = consign_outbox::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    println!("consign schema is at version {latest}");
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in flight"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing the batch in flight"),
+    }
+    token.cancel();
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

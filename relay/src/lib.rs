@@ -1,0 +1,67 @@
+//! The relay half of [consign]: moves committed outbox rows to Kafka.
+//!
+//! Rows written with `consign-outbox` wait in `consign_outbox` until a relay
+//! publishes them. The relay reads rows in `seq` order, produces them with an
+//! idempotent producer (`acks=all`), and deletes them only after the broker
+//! has acknowledged. Every failure mode leaves rows in the table:
+//!
+//! | what happens | what the relay does |
+//! |---|---|
+//! | crash or SIGKILL mid-batch | unacknowledged rows are sent again on restart (duplicates, never loss) |
+//! | brokers down | librdkafka retries; rows stay; the relay resumes by itself |
+//! | database connection lost | the batch is retried with backoff on a new connection |
+//! | the broker refuses a row | the row keeps `attempts` and `last_error`, is retried with backoff, and holds back later rows of its key only |
+//! | SIGTERM | the batch in flight is finished (or left for later), exit 0 |
+//!
+//! Each message carries the headers `consign-id` (its UUID v7, for
+//! deduplication), `consign-event-type`, `traceparent`/`tracestate` when the
+//! writer had a trace, then the user's headers. Its Kafka key is the row's
+//! key and its timestamp the row's `created_at`.
+//!
+//! # Embedding
+//! A service can run the relay in-process and wake it right after commit:
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use consign_outbox::{Message, Outbox};
+//! use consign_relay::Relay;
+//!
+//! let relay = Relay::builder(pool.clone())
+//!     .kafka("bootstrap.servers", "localhost:9092")
+//!     .build()?
+//!     .spawn();
+//!
+//! let mut tx = pool.begin().await?;
+//! Outbox::new()
+//!     .enqueue(&mut *tx, Message::new("orders", "OrderPlaced", b"{}".to_vec()))
+//!     .await?;
+//! tx.commit().await?;
+//! relay.wake(); // published within milliseconds
+//!
+//! relay.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # As a process
+//! `consign-relay migrate` creates the tables, `consign-relay run` publishes
+//! until SIGTERM. Configuration: [`Config`] and `reference.toml`.
+//!
+//! [consign]: https://github.com/consign-rs/consign
+
+mod builder;
+pub mod cli;
+pub mod config;
+mod error;
+mod handle;
+mod publish;
+mod relay;
+mod store;
+
+pub use builder::{PRODUCER_DEFAULTS, RelayBuilder};
+pub use config::{Config, RelaySettings};
+pub use error::{Error, Result};
+pub use handle::{RelayHandle, RelayStats, Waker};
+pub use publish::{HEADER_EVENT_TYPE, HEADER_ID};
+pub use relay::Relay;
+
+pub use rdkafka::ClientConfig;

@@ -1,0 +1,173 @@
+//! Producing a batch of rows to Kafka and collecting what the broker said.
+
+use std::{collections::HashSet, time::Duration};
+
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use rdkafka::{
+    ClientConfig,
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Header, OwnedHeaders},
+    producer::{
+        DeliveryFuture, FutureProducer, FutureRecord, Producer,
+        future_producer::OwnedDeliveryResult,
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::OutboxRow;
+
+/// Header carrying the message id.
+pub const HEADER_ID: &str = "consign-id";
+/// Header carrying the event type.
+pub const HEADER_EVENT_TYPE: &str = "consign-event-type";
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The broker acknowledged it: delete the row.
+    Delivered,
+    /// The broker or the producer refused it: record the error, retry later.
+    Failed(String),
+    /// Not sent because an earlier row of its topic and key failed in this
+    /// batch; it stays and follows that row.
+    Held,
+    /// No answer before shutdown: the row stays and is sent again.
+    Unknown,
+}
+
+/// The idempotent producer, recreated if librdkafka reports a fatal error.
+pub(crate) struct Publisher {
+    config: ClientConfig,
+    producer: FutureProducer,
+}
+
+impl Publisher {
+    pub(crate) fn new(config: ClientConfig) -> Result<Self, KafkaError> {
+        let producer = config.create()?;
+        Ok(Self { config, producer })
+    }
+
+    /// Produces every row (in order), then waits for every acknowledgement.
+    /// If `shutdown` fires, waits at most `grace` more; rows without an
+    /// answer by then are [`Outcome::Unknown`].
+    pub(crate) async fn publish(
+        &self,
+        rows: &[OutboxRow],
+        shutdown: &CancellationToken,
+        grace: Duration,
+    ) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Unknown; rows.len()];
+        let mut held: HashSet<(&str, &str)> = HashSet::new();
+        let mut pending = FuturesUnordered::new();
+        for (index, row) in rows.iter().enumerate() {
+            let topic_key = row.key.as_deref().map(|key| (row.topic.as_str(), key));
+            if topic_key.is_some_and(|tk| held.contains(&tk)) {
+                outcomes[index] = Outcome::Held;
+                continue;
+            }
+            match self.send(row).await {
+                Ok(delivery) => pending.push(async move { (index, delivery.await) }),
+                Err(error) => {
+                    outcomes[index] = Outcome::Failed(error.to_string());
+                    held.extend(topic_key);
+                }
+            }
+        }
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = pending.next() => match next {
+                    Some((index, result)) => outcomes[index] = delivery_outcome(result),
+                    None => break,
+                },
+                () = &mut deadline => break,
+            }
+        }
+        outcomes
+    }
+
+    /// Enqueues one row in the producer, waiting while its queue is full.
+    async fn send(&self, row: &OutboxRow) -> Result<DeliveryFuture, KafkaError> {
+        let mut record = FutureRecord::to(&row.topic)
+            .payload(&row.payload)
+            .headers(headers(row))
+            .timestamp(row.created_at.timestamp_millis());
+        if let Some(key) = row.key.as_deref() {
+            record = record.key(key);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    /// Replaces the producer if librdkafka declared it unusable (e.g. the
+    /// idempotent producer lost its sequence state). Returns the reason.
+    pub(crate) fn renew_if_fatal(&mut self) -> Result<Option<String>, KafkaError> {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return Ok(None);
+        };
+        self.producer = self.config.create()?;
+        Ok(Some(format!("{code:?}: {reason}")))
+    }
+
+    /// Waits up to `timeout` for messages still queued in the producer.
+    pub(crate) fn flush(&self, timeout: Duration) {
+        if let Err(error) = self.producer.flush(timeout) {
+            tracing::warn!(%error, "producer flush at shutdown did not complete");
+        }
+    }
+}
+
+/// The producer's answer; `Err(Canceled)` means the producer went away.
+fn delivery_outcome<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Outcome {
+    match result {
+        Ok(Ok(_)) => Outcome::Delivered,
+        Ok(Err((error, _))) => Outcome::Failed(error.to_string()),
+        Err(_) => Outcome::Unknown,
+    }
+}
+
+/// `consign-id`, `consign-event-type`, trace context, then the user's headers.
+fn headers(row: &OutboxRow) -> OwnedHeaders {
+    let user = row.user_headers();
+    let id = row.id.hyphenated().to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(4 + user.len())
+        .insert(Header {
+            key: HEADER_ID,
+            value: Some(&id),
+        })
+        .insert(Header {
+            key: HEADER_EVENT_TYPE,
+            value: Some(&row.event_type),
+        });
+    if let Some(traceparent) = &row.traceparent {
+        headers = headers.insert(Header {
+            key: "traceparent",
+            value: Some(traceparent),
+        });
+    }
+    if let Some(tracestate) = &row.tracestate {
+        headers = headers.insert(Header {
+            key: "tracestate",
+            value: Some(tracestate),
+        });
+    }
+    for (name, value) in &user {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    headers
+}

@@ -1,0 +1,38 @@
+//! Database helpers for tests that get a pool from `#[sqlx::test]`.
+
+use anyhow::Result;
+use sqlx::{ConnectOptions, PgPool};
+
+/// A URL for the pool's database, to hand to a relay child process.
+#[must_use]
+pub fn url(pool: &PgPool) -> String {
+    pool.connect_options().to_url_lossy().to_string()
+}
+
+/// Rows still in the outbox.
+///
+/// # Errors
+/// On a database error.
+pub async fn outbox_len(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Terminates every session of this database whose `application_name` is
+/// `application`, as an operator or a failover would. Returns how many.
+///
+/// # Errors
+/// On a database error.
+pub async fn terminate_sessions(pool: &PgPool, application: &str) -> Result<i64> {
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1
+         ) t",
+    )
+    .bind(application)
+    .fetch_one(pool)
+    .await?;
+    Ok(killed)
+}

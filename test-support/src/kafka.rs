@@ -1,0 +1,250 @@
+//! The broker under test: the mock cluster, or an external broker.
+
+use std::{
+    sync::mpsc::{self, Sender},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    mocking::MockCluster,
+    types::RDKafkaRespErr,
+};
+
+/// Environment variable naming an external broker (`host:port`) to run the
+/// end-to-end tests against instead of the mock cluster.
+pub const EXTERNAL_BROKERS_ENV: &str = "CONSIGN_TEST_BROKERS";
+
+type Reply = Sender<Result<()>>;
+
+enum Command {
+    CreateTopic(String, i32, Reply),
+    BrokerDown(i32, Reply),
+    BrokerUp(i32, Reply),
+    TopicError(String, RDKafkaRespErr, Reply),
+    Stop,
+}
+
+/// librdkafka's mock cluster, hosted on its own thread so the handle is
+/// `Send + Sync`. Its brokers listen on loopback TCP ports, so a relay in
+/// another process can connect. Dropped, it shuts down.
+pub struct MockKafka {
+    bootstrap: String,
+    brokers: i32,
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for MockKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockKafka")
+            .field("bootstrap", &self.bootstrap)
+            .finish()
+    }
+}
+
+impl MockKafka {
+    /// Starts a cluster of `brokers` brokers (ids 1..=brokers).
+    ///
+    /// # Errors
+    /// If librdkafka cannot create the cluster.
+    pub fn start(brokers: i32) -> Result<Self> {
+        let (commands, inbox) = mpsc::channel::<Command>();
+        let (ready, started) = mpsc::channel::<Result<String>>();
+        let thread = std::thread::Builder::new()
+            .name("mock-kafka".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(brokers) {
+                    Ok(cluster) => cluster,
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow!("mock cluster: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(cluster.bootstrap_servers()));
+                serve(&cluster, &inbox);
+            })?;
+        let bootstrap = started.recv().context("mock cluster thread died")??;
+        Ok(Self {
+            bootstrap,
+            brokers,
+            commands,
+            thread: Some(thread),
+        })
+    }
+
+    /// The `bootstrap.servers` value.
+    #[must_use]
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    fn call(&self, command: impl FnOnce(Reply) -> Command) -> Result<()> {
+        let (reply, answer) = mpsc::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| anyhow!("mock cluster stopped"))?;
+        answer.recv().context("mock cluster stopped")?
+    }
+
+    /// Creates a topic with `partitions` partitions.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        self.call(|r| Command::CreateTopic(topic.to_owned(), partitions, r))
+    }
+
+    /// Takes broker `id` down: its connections are closed and refused.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn broker_down(&self, id: i32) -> Result<()> {
+        self.call(|r| Command::BrokerDown(id, r))
+    }
+
+    /// Brings broker `id` back.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn broker_up(&self, id: i32) -> Result<()> {
+        self.call(|r| Command::BrokerUp(id, r))
+    }
+
+    /// Takes every broker down.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn all_down(&self) -> Result<()> {
+        (1..=self.brokers).try_for_each(|id| self.broker_down(id))
+    }
+
+    /// Brings every broker back.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn all_up(&self) -> Result<()> {
+        (1..=self.brokers).try_for_each(|id| self.broker_up(id))
+    }
+
+    /// Makes the brokers answer every request about `topic` with `error`
+    /// (e.g. `TopicAuthorizationFailed`), as a broker that refuses the topic.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn set_topic_error(&self, topic: &str, error: RDKafkaRespErr) -> Result<()> {
+        self.call(|r| Command::TopicError(topic.to_owned(), error, r))
+    }
+}
+
+fn serve(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    inbox: &mpsc::Receiver<Command>,
+) {
+    let done = |reply: &Reply, result: rdkafka::error::KafkaResult<()>| {
+        let _ = reply.send(result.map_err(|e| anyhow!("mock cluster: {e}")));
+    };
+    while let Ok(command) = inbox.recv() {
+        match command {
+            Command::CreateTopic(topic, partitions, reply) => {
+                done(&reply, cluster.create_topic(&topic, partitions, 1));
+            }
+            Command::BrokerDown(id, reply) => done(&reply, cluster.broker_down(id)),
+            Command::BrokerUp(id, reply) => done(&reply, cluster.broker_up(id)),
+            Command::TopicError(topic, error, reply) => {
+                done(&reply, cluster.topic_error(&topic, error));
+            }
+            Command::Stop => return,
+        }
+    }
+}
+
+impl Drop for MockKafka {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The broker a test runs against: a fresh mock cluster, or the external
+/// broker named by `CONSIGN_TEST_BROKERS`.
+#[derive(Debug)]
+pub enum TestBroker {
+    /// An in-process mock cluster owned by this test.
+    Mock(MockKafka),
+    /// An external broker (e.g. Tansu) at this address.
+    External(String),
+}
+
+impl TestBroker {
+    /// The external broker if `CONSIGN_TEST_BROKERS` is set, else a new
+    /// 3-broker mock cluster.
+    ///
+    /// # Errors
+    /// If the mock cluster cannot start.
+    pub fn start() -> Result<Self> {
+        match std::env::var(EXTERNAL_BROKERS_ENV) {
+            Ok(address) if !address.trim().is_empty() => Ok(Self::External(address)),
+            _ => Ok(Self::Mock(MockKafka::start(3)?)),
+        }
+    }
+
+    /// The `bootstrap.servers` value.
+    #[must_use]
+    pub fn bootstrap(&self) -> &str {
+        match self {
+            Self::Mock(mock) => mock.bootstrap(),
+            Self::External(address) => address,
+        }
+    }
+
+    /// The mock cluster, for fault injection; `None` on an external broker.
+    #[must_use]
+    pub fn mock(&self) -> Option<&MockKafka> {
+        match self {
+            Self::Mock(mock) => Some(mock),
+            Self::External(_) => None,
+        }
+    }
+
+    /// Creates `topic` with `partitions` partitions (brokers like Tansu do
+    /// not create topics on first use).
+    ///
+    /// # Errors
+    /// If the broker refuses.
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        match self {
+            Self::Mock(mock) => mock.create_topic(topic, partitions),
+            Self::External(address) => create_external_topic(address, topic, partitions).await,
+        }
+    }
+}
+
+async fn create_external_topic(address: &str, topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", address)
+        .create()
+        .context("admin client")?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &options,
+        )
+        .await
+        .context("create topic")?;
+    for result in results {
+        if let Err((name, code)) = result
+            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+        {
+            bail!("creating topic {name}: {code}");
+        }
+    }
+    Ok(())
+}

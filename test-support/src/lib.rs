@@ -1,0 +1,87 @@
+//! Test harness shared by consign's tests, examples and benchmarks.
+//!
+//! - [`TestBroker`]: librdkafka's in-process mock cluster (real Kafka
+//!   protocol on loopback ports, with fault injection), or an external broker
+//!   when `CONSIGN_TEST_BROKERS` names one.
+//! - [`TopicReader`]: reads back what really reached a topic.
+//! - [`RelayProcess`]: runs the `consign-relay` binary as a child process so
+//!   tests can SIGKILL it.
+//! - [`db`]: database helpers for `#[sqlx::test]` pools.
+
+pub mod db;
+mod kafka;
+mod process;
+mod reader;
+
+pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker};
+pub use process::{RELAY_BIN_ENV, RelayProcess, relay_binary};
+pub use reader::{Received, TopicReader};
+
+/// Relay settings for tests: short polls and retries so failures heal fast.
+#[must_use]
+pub fn fast_relay_settings() -> consign_relay::RelaySettings {
+    consign_relay::RelaySettings {
+        poll_interval: std::time::Duration::from_millis(5),
+        max_poll_interval: std::time::Duration::from_millis(50),
+        retry_min_delay: std::time::Duration::from_millis(100),
+        retry_max_delay: std::time::Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+/// A `consign-relay` configuration file for tests, with the settings of
+/// [`fast_relay_settings`], plus `relay` and `kafka` entries given as
+/// `(key, TOML value)` pairs.
+#[must_use]
+pub fn relay_config(
+    database_url: &str,
+    bootstrap: &str,
+    relay: &[(&str, &str)],
+    kafka: &[(&str, &str)],
+) -> String {
+    use std::fmt::Write;
+    let mut toml = format!(
+        "[database]\nurl = {database_url:?}\n\n[relay]\npoll-interval = \"5ms\"\n\
+         max-poll-interval = \"50ms\"\nretry-min-delay = \"100ms\"\nretry-max-delay = \"1s\"\n"
+    );
+    for (key, value) in relay {
+        let _ = writeln!(toml, "{key} = {value}");
+    }
+    let _ = write!(toml, "\n[kafka]\n\"bootstrap.servers\" = {bootstrap:?}\n");
+    for (key, value) in kafka {
+        let _ = writeln!(toml, "{key:?} = {value}");
+    }
+    toml
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
+///
+/// # Errors
+/// If `check` fails or `timeout` passes; the message says what was awaited.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A topic name unique to this call, so tests sharing an external broker do
+/// not see each other's messages.
+#[must_use]
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}

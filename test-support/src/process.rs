@@ -1,0 +1,138 @@
+//! The `consign-relay` binary as a child process, for crash tests.
+
+use std::{
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Environment variable with the path of a prebuilt `consign-relay`.
+pub const RELAY_BIN_ENV: &str = "CONSIGN_RELAY_BIN";
+
+/// The `consign-relay` binary: `CONSIGN_RELAY_BIN` if set, otherwise built
+/// once per test process with cargo.
+///
+/// # Errors
+/// If the build fails.
+pub fn relay_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os(RELAY_BIN_ENV) {
+            return Ok(PathBuf::from(path));
+        }
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/Cargo.toml");
+        escargot::CargoBuild::new()
+            .manifest_path(manifest)
+            .bin("consign-relay")
+            .current_release()
+            .run()
+            .map(|built| built.path().to_path_buf())
+            .map_err(|e| format!("building consign-relay: {e}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// A running `consign-relay run`, with its configuration in a temporary
+/// directory and its output in a log file there.
+#[derive(Debug)]
+pub struct RelayProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Writes `config` (TOML) to a file and starts `consign-relay run` on it.
+    ///
+    /// # Errors
+    /// If the binary cannot be built or started.
+    pub fn start(config: &str) -> Result<Self> {
+        Self::start_with(config, &["run"])
+    }
+
+    /// Like [`RelayProcess::start`] with other arguments after `--config`.
+    ///
+    /// # Errors
+    /// If the binary cannot be built or started.
+    pub fn start_with(config: &str, args: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("relay.toml");
+        File::create(&config_path)?.write_all(config.as_bytes())?;
+        let log = File::create(dir.path().join("relay.log"))?;
+        let child = Command::new(relay_binary()?)
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info,consign_relay=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting consign-relay")?;
+        Ok(Self { child, dir })
+    }
+
+    /// Everything the relay printed so far.
+    #[must_use]
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+    }
+
+    /// Kills the relay with SIGKILL (no chance to clean up) and reaps it.
+    ///
+    /// # Errors
+    /// If the signal cannot be sent.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    ///
+    /// # Errors
+    /// If the relay does not exit in time (it is then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let pid = Pid::from_raw(i32::try_from(self.child.id())?);
+        kill(pid, Signal::SIGTERM)?;
+        self.wait(timeout)
+    }
+
+    /// Waits up to `timeout` for the relay to exit by itself.
+    ///
+    /// # Errors
+    /// If it is still running after `timeout` (it is then killed).
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                bail!(
+                    "consign-relay still running after {timeout:?}:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
