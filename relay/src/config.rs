@@ -224,6 +224,12 @@ impl DatabaseSettings {
                 "required: set it in the file, in DATABASE_URL or in CONSIGN_DATABASE__URL",
             ));
         }
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(Error::config(
+                "database.url",
+                "must start with postgres:// or postgresql:// (consign's relay supports PostgreSQL)",
+            ));
+        }
         let options = PgConnectOptions::from_str(&self.url).map_err(|e| {
             Error::config("database.url", format!("not a valid PostgreSQL URL: {e}"))
         })?;

@@ -26,6 +26,7 @@ enum Command {
     BrokerDown(i32, Reply),
     BrokerUp(i32, Reply),
     TopicError(String, RDKafkaRespErr, Reply),
+    RoundTrip(i32, Duration, Reply),
     Stop,
 }
 
@@ -131,6 +132,14 @@ impl MockKafka {
         (1..=self.brokers).try_for_each(|id| self.broker_up(id))
     }
 
+    /// Delays every broker's responses by `delay`, like a distant cluster.
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn set_round_trip(&self, delay: Duration) -> Result<()> {
+        (1..=self.brokers).try_for_each(|id| self.call(|r| Command::RoundTrip(id, delay, r)))
+    }
+
     /// Makes the brokers answer every request about `topic` with `error`
     /// (e.g. `TopicAuthorizationFailed`), as a broker that refuses the topic.
     ///
@@ -157,6 +166,9 @@ fn serve(
             Command::BrokerUp(id, reply) => done(&reply, cluster.broker_up(id)),
             Command::TopicError(topic, error, reply) => {
                 done(&reply, cluster.topic_error(&topic, error));
+            }
+            Command::RoundTrip(id, delay, reply) => {
+                done(&reply, cluster.broker_round_trip_time(id, delay));
             }
             Command::Stop => return,
         }

@@ -31,7 +31,7 @@ pub fn fast_relay_settings() -> consign_relay::RelaySettings {
 
 /// A `consign-relay` configuration file for tests, with the settings of
 /// [`fast_relay_settings`], plus `relay` and `kafka` entries given as
-/// `(key, TOML value)` pairs.
+/// `(key, TOML value)` pairs; an entry replaces a default of the same key.
 #[must_use]
 pub fn relay_config(
     database_url: &str,
@@ -40,11 +40,18 @@ pub fn relay_config(
     kafka: &[(&str, &str)],
 ) -> String {
     use std::fmt::Write;
-    let mut toml = format!(
-        "[database]\nurl = {database_url:?}\n\n[relay]\npoll-interval = \"5ms\"\n\
-         max-poll-interval = \"50ms\"\nretry-min-delay = \"100ms\"\nretry-max-delay = \"1s\"\n"
-    );
-    for (key, value) in relay {
+    let mut settings = vec![
+        ("poll-interval", "\"5ms\""),
+        ("max-poll-interval", "\"50ms\""),
+        ("retry-min-delay", "\"100ms\""),
+        ("retry-max-delay", "\"1s\""),
+    ];
+    for &(key, value) in relay {
+        settings.retain(|(k, _)| *k != key);
+        settings.push((key, value));
+    }
+    let mut toml = format!("[database]\nurl = {database_url:?}\n\n[relay]\n");
+    for (key, value) in settings {
         let _ = writeln!(toml, "{key} = {value}");
     }
     let _ = write!(toml, "\n[kafka]\n\"bootstrap.servers\" = {bootstrap:?}\n");

@@ -56,14 +56,15 @@ impl RelayProcess {
     /// # Errors
     /// If the binary cannot be built or started.
     pub fn start(config: &str) -> Result<Self> {
-        Self::start_with(config, &["run"])
+        Self::start_with(config, &["run"], &[])
     }
 
-    /// Like [`RelayProcess::start`] with other arguments after `--config`.
+    /// Like [`RelayProcess::start`] with other arguments after `--config`
+    /// and extra environment variables.
     ///
     /// # Errors
     /// If the binary cannot be built or started.
-    pub fn start_with(config: &str, args: &[&str]) -> Result<Self> {
+    pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("relay.toml");
         File::create(&config_path)?.write_all(config.as_bytes())?;
@@ -73,7 +74,8 @@ impl RelayProcess {
             .arg(&config_path)
             .args(args)
             .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "info,consign_relay=debug")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

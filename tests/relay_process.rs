@@ -1,0 +1,257 @@
+//! The `consign-relay` binary as a separate process: killed, stopped,
+//! misconfigured.
+
+use std::{collections::HashMap, time::Duration};
+
+use consign::{Message, Outbox};
+use consign_test_support::{
+    RelayProcess, TestBroker, TopicReader, db, eventually, relay_config, unique_topic,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Writes `count` events in transactions of `per_tx`, over 50 keys; the
+/// payload is the event's number within its key.
+async fn write_stream(
+    pool: PgPool,
+    topic: String,
+    count: usize,
+    per_tx: usize,
+    pace: Duration,
+) -> Vec<Uuid> {
+    let outbox = Outbox::new();
+    let mut next: HashMap<String, u32> = HashMap::new();
+    let mut ids = Vec::with_capacity(count);
+    while ids.len() < count {
+        let msgs: Vec<Message> = (0..per_tx.min(count - ids.len()))
+            .map(|i| {
+                let key = format!("key-{}", (ids.len() + i) % 50);
+                let n = next.entry(key.clone()).or_default();
+                *n += 1;
+                Message::new(&topic, "Streamed", n.to_string()).with_key(key)
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &msgs).await.unwrap();
+        tx.commit().await.unwrap();
+        ids.extend(msgs.iter().map(Message::id));
+        tokio::time::sleep(pace).await;
+    }
+    ids
+}
+
+/// Every id arrived; per key, after dropping duplicates, 1, 2, 3, ...
+fn assert_complete_and_ordered(ids: &[Uuid], reader: &TopicReader) {
+    let mut seen = std::collections::HashSet::new();
+    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for r in reader
+        .received()
+        .iter()
+        .filter(|r| seen.insert(r.id().unwrap()))
+    {
+        let n = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
+        per_key.entry(r.key.clone().unwrap()).or_default().push(n);
+    }
+    let missing = ids.iter().filter(|id| !seen.contains(id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} events never reached the topic",
+        ids.len()
+    );
+    for (key, ns) in per_key {
+        let expected: Vec<u32> = (1..=u32::try_from(ns.len()).unwrap()).collect();
+        assert_eq!(ns, expected, "events of {key} out of order");
+    }
+}
+
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool) {
+    const EVENTS: usize = 20_000;
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("sigkill");
+    broker.create_topic(&topic, 6).await.unwrap();
+    let config = relay_config(
+        &db::url(&pool),
+        broker.bootstrap(),
+        &[("batch-size", "200")],
+        &[],
+    );
+
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    // With 50 ms broker round trips, each batch spends most of its time
+    // produced but not yet acknowledged or deleted: kills land mid-batch.
+    if let Some(mock) = broker.mock() {
+        mock.set_round_trip(Duration::from_millis(50)).unwrap();
+    }
+    // A stream of at least 8 s (20 events per 8 ms); the relay is killed at
+    // random points for as long as it lasts.
+    let writer = tokio::spawn(write_stream(
+        pool.clone(),
+        topic.clone(),
+        EVENTS,
+        20,
+        Duration::from_millis(8),
+    ));
+    let mut relay = RelayProcess::start(&config).unwrap();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    let (mut kills, mut busy_kills) = (0, 0);
+    while !writer.is_finished() && kills < 15 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
+        let waiting = db::outbox_len(&pool).await.unwrap();
+        relay.kill().unwrap();
+        kills += 1;
+        busy_kills += usize::from(waiting > 0);
+        println!("kill {kills}: SIGKILL with {waiting} rows in the outbox");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        relay = RelayProcess::start(&config).unwrap();
+    }
+    assert!(
+        busy_kills >= 5,
+        "only {busy_kills} of {kills} kills hit a relay with work to do"
+    );
+    let ids = writer.await.unwrap();
+    reader.read_distinct(EVENTS, WAIT).await.unwrap();
+    eventually("the outbox to drain", WAIT, || async {
+        Ok((db::outbox_len(&pool).await? == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    reader.read_to_end(WAIT).await.unwrap();
+    println!(
+        "{} events delivered after {kills} SIGKILLs; {} duplicates on the topic",
+        reader.distinct(),
+        reader.duplicates()
+    );
+    assert_complete_and_ordered(&ids, &reader);
+    relay.terminate(Duration::from_secs(20)).unwrap();
+}
+
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool) {
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("sigterm");
+    broker.create_topic(&topic, 3).await.unwrap();
+    let config = relay_config(
+        &db::url(&pool),
+        broker.bootstrap(),
+        &[("batch-size", "200")],
+        &[],
+    );
+
+    let writer = tokio::spawn(write_stream(
+        pool.clone(),
+        topic.clone(),
+        5000,
+        10,
+        Duration::from_millis(2),
+    ));
+    let mut relay = RelayProcess::start(&config).unwrap();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    reader.read_distinct(100, WAIT).await.unwrap();
+    let status = relay.terminate(Duration::from_secs(30)).unwrap();
+    let output = relay.output();
+    assert!(status.success(), "exit status {status:?}\n{output}");
+    assert!(output.contains("relay stopped"), "{output}");
+
+    let ids = writer.await.unwrap();
+    let left = db::outbox_len(&pool).await.unwrap();
+    println!("stopped with {left} rows left in the outbox");
+    let mut relay = RelayProcess::start(&config).unwrap();
+    reader.read_distinct(ids.len(), WAIT).await.unwrap();
+    assert_complete_and_ordered(&ids, &reader);
+    relay.terminate(Duration::from_secs(20)).unwrap();
+}
+
+#[sqlx::test(migrations = false)]
+async fn invalid_configuration_exits_nonzero_naming_the_field(pool: PgPool) {
+    let url = db::url(&pool);
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(&str, String, Env<'_>); 9] = [
+        (
+            "relay.batch-size",
+            relay_config(&url, "h:1", &[("batch-size", "0")], &[]),
+            &[],
+        ),
+        (
+            "relay.batch-size",
+            relay_config(&url, "h:1", &[("batch-size", "\"many\"")], &[]),
+            &[],
+        ),
+        (
+            "relay.poll-interval",
+            relay_config(&url, "h:1", &[("poll-interval", "\"soon\"")], &[]),
+            &[],
+        ),
+        (
+            "relay.batch-sise",
+            relay_config(&url, "h:1", &[("batch-sise", "10")], &[]),
+            &[],
+        ),
+        (
+            "kafka.no.such.property",
+            relay_config(&url, "h:1", &[], &[("no.such.property", "1")]),
+            &[],
+        ),
+        (
+            "kafka.linger.ms",
+            relay_config(&url, "h:1", &[], &[("linger.ms", "\"soon\"")]),
+            &[],
+        ),
+        (
+            "kafka.bootstrap.servers",
+            relay_config(&url, "", &[], &[]),
+            &[],
+        ),
+        (
+            "database.url",
+            relay_config("mysql://nope", "h:1", &[], &[]),
+            &[],
+        ),
+        (
+            "relay.batch-size",
+            relay_config(&url, "h:1", &[], &[]),
+            &[("CONSIGN_RELAY__BATCH_SIZE", "0")],
+        ),
+    ];
+    for (field, config, env) in cases {
+        let mut relay = RelayProcess::start_with(&config, &["run"], env).unwrap();
+        let status = relay.wait(Duration::from_secs(20)).unwrap();
+        let output = relay.output();
+        println!("{field}: {}", output.trim());
+        assert!(!status.success(), "{field}: exited {status:?}");
+        assert!(output.contains(field), "{field} not named in: {output}");
+    }
+    let mut relay = RelayProcess::start_with("[relay]\nbatch-size = 10\n", &["run"], &[]).unwrap();
+    assert!(!relay.wait(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        relay.output().contains("database.url"),
+        "{}",
+        relay.output()
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_command_creates_the_schema_and_is_idempotent(pool: PgPool) {
+    let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
+    for _ in 0..2 {
+        let mut migrate = RelayProcess::start_with(&config, &["migrate"], &[]).unwrap();
+        let status = migrate.wait(Duration::from_secs(30)).unwrap();
+        assert!(status.success(), "{}", migrate.output());
+        assert!(
+            migrate.output().contains("consign schema is at version 1"),
+            "{}",
+            migrate.output()
+        );
+    }
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('consign_outbox')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(table.as_deref(), Some("consign_outbox"));
+}
