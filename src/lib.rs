@@ -46,3 +46,8 @@ pub use consign_outbox::{Event, MIGRATOR, Message, Outbox, migrate};
 pub use consign_relay as relay;
 #[cfg(feature = "relay")]
 pub use consign_relay::Relay;
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

@@ -1,7 +1,7 @@
 //! End to end through the embedded relay: outbox -> relay -> broker.
 //!
 //! Runs on the mock cluster, or on the broker named by
-//! `CONSIGN_TEST_BROKERS` (tests that inject faults then skip).
+//! `TEST_KAFKA_BROKERS` (tests that inject faults then skip).
 
 use std::{collections::HashMap, time::Duration};
 

@@ -17,7 +17,7 @@ use rdkafka::{
 
 /// Environment variable naming an external broker (`host:port`) to run the
 /// end-to-end tests against instead of the mock cluster.
-pub const EXTERNAL_BROKERS_ENV: &str = "CONSIGN_TEST_BROKERS";
+pub const EXTERNAL_BROKERS_ENV: &str = "TEST_KAFKA_BROKERS";
 
 type Reply = Sender<Result<()>>;
 
@@ -185,7 +185,7 @@ impl Drop for MockKafka {
 }
 
 /// The broker a test runs against: a fresh mock cluster, or the external
-/// broker named by `CONSIGN_TEST_BROKERS`.
+/// broker named by `TEST_KAFKA_BROKERS`.
 #[derive(Debug)]
 pub enum TestBroker {
     /// An in-process mock cluster owned by this test.
@@ -195,7 +195,7 @@ pub enum TestBroker {
 }
 
 impl TestBroker {
-    /// The external broker if `CONSIGN_TEST_BROKERS` is set, else a new
+    /// The external broker if `TEST_KAFKA_BROKERS` is set, else a new
     /// 3-broker mock cluster.
     ///
     /// # Errors

@@ -2,7 +2,7 @@
 //!
 //! - [`TestBroker`]: librdkafka's in-process mock cluster (real Kafka
 //!   protocol on loopback ports, with fault injection), or an external broker
-//!   when `CONSIGN_TEST_BROKERS` names one.
+//!   when `TEST_KAFKA_BROKERS` names one.
 //! - [`TopicReader`]: reads back what really reached a topic.
 //! - [`RelayProcess`]: runs the `consign-relay` binary as a child process so
 //!   tests can SIGKILL it.

@@ -16,9 +16,9 @@ use nix::{
 };
 
 /// Environment variable with the path of a prebuilt `consign-relay`.
-pub const RELAY_BIN_ENV: &str = "CONSIGN_RELAY_BIN";
+pub const RELAY_BIN_ENV: &str = "TEST_RELAY_BIN";
 
-/// The `consign-relay` binary: `CONSIGN_RELAY_BIN` if set, otherwise built
+/// The `consign-relay` binary: `TEST_RELAY_BIN` if set, otherwise built
 /// once per test process with cargo.
 ///
 /// # Errors
@@ -69,7 +69,15 @@ impl RelayProcess {
         let config_path = dir.path().join("relay.toml");
         File::create(&config_path)?.write_all(config.as_bytes())?;
         let log = File::create(dir.path().join("relay.log"))?;
-        let child = Command::new(relay_binary()?)
+        let mut command = Command::new(relay_binary()?);
+        // The test decides the relay's whole configuration: nothing from the
+        // developer's shell (`CONSIGN_*`, `DATABASE_URL`) leaks into it.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("CONSIGN_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .args(args)
