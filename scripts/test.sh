@@ -32,14 +32,17 @@ cargo fmt --all -- --check
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "build consign-relay"
+step "build the binaries the crash tests start and kill"
 cargo build --locked -p consign-relay --bin consign-relay
+cargo build --locked -p consign-test-support --bin consign-test-consumer
 export TEST_RELAY_BIN="$PWD/target/debug/consign-relay"
+export TEST_CONSUMER_BIN="$PWD/target/debug/consign-test-consumer"
 
 step "tests"
 cargo test --workspace --locked
 
-step "quickstart"
+step "examples"
 cargo run --locked --example quickstart
+cargo run --locked --example orders_inventory
 
 step "all passed"

@@ -38,9 +38,17 @@
 //! - [`outbox`] (`consign-outbox`): the message model and `enqueue`.
 //! - [`relay`] (`consign-relay`, feature `relay`, on by default): the relay
 //!   as a library; the same crate builds the `consign-relay` binary.
+//! - [`inbox`] (`consign-inbox`, feature `inbox`, on by default): tower
+//!   middleware and a Kafka consumer runner that make each message's effect
+//!   happen once.
 
 pub use consign_outbox as outbox;
 pub use consign_outbox::{Event, MIGRATOR, Message, Outbox, migrate};
+
+#[cfg(feature = "inbox")]
+pub use consign_inbox as inbox;
+#[cfg(feature = "inbox")]
+pub use consign_inbox::{Delivery, InboxConsumer, InboxLayer};
 
 #[cfg(feature = "relay")]
 pub use consign_relay as relay;

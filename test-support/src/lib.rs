@@ -7,14 +7,18 @@
 //! - [`RelayProcess`]: runs the `consign-relay` binary as a child process so
 //!   tests can SIGKILL it.
 //! - [`db`]: database helpers for `#[sqlx::test]` pools.
+//! - [`effects`]: a countable handler effect and a producer for inbox tests.
 
 pub mod db;
+pub mod effects;
 mod kafka;
 mod process;
 mod reader;
 
 pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker};
-pub use process::{RELAY_BIN_ENV, RelayProcess, relay_binary};
+pub use process::{
+    CONSUMER_BIN_ENV, ChildProcess, RELAY_BIN_ENV, RelayProcess, consumer_binary, relay_binary,
+};
 pub use reader::{Received, TopicReader};
 
 /// Relay settings for tests: short polls and retries so failures heal fast.

@@ -1,4 +1,5 @@
-//! The `consign-relay` binary as a child process, for crash tests.
+//! The `consign-relay` binary and the test consumer as child processes, for
+//! crash tests.
 
 use std::{
     fs::File,
@@ -42,15 +43,66 @@ pub fn relay_binary() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
-/// A running `consign-relay run`, with its configuration in a temporary
-/// directory and its output in a log file there.
+/// Environment variable with the path of a prebuilt `consign-test-consumer`.
+pub const CONSUMER_BIN_ENV: &str = "TEST_CONSUMER_BIN";
+
+/// The `consign-test-consumer` binary (an inbox consumer whose handler
+/// records each effect in `test_effects`): `TEST_CONSUMER_BIN` if set,
+/// otherwise built once per test process with cargo.
+///
+/// # Errors
+/// If the build fails.
+pub fn consumer_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os(CONSUMER_BIN_ENV) {
+            return Ok(PathBuf::from(path));
+        }
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        escargot::CargoBuild::new()
+            .manifest_path(manifest)
+            .bin("consign-test-consumer")
+            .current_release()
+            .run()
+            .map(|built| built.path().to_path_buf())
+            .map_err(|e| format!("building consign-test-consumer: {e}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// A child process with its output in a log file in a temporary directory.
+/// Killed when dropped.
 #[derive(Debug)]
-pub struct RelayProcess {
+pub struct ChildProcess {
     child: Child,
     dir: tempfile::TempDir,
 }
 
-impl RelayProcess {
+/// A running `consign-relay`.
+pub type RelayProcess = ChildProcess;
+
+impl ChildProcess {
+    /// Starts `consign-test-consumer` with `env` (see its source for the
+    /// variables it reads).
+    ///
+    /// # Errors
+    /// If the binary cannot be built or started.
+    pub fn start_consumer(env: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = File::create(dir.path().join("relay.log"))?;
+        let child = Command::new(consumer_binary()?)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting consign-test-consumer")?;
+        Ok(Self { child, dir })
+    }
+
     /// Writes `config` (TOML) to a file and starts `consign-relay run` on it.
     ///
     /// # Errors
@@ -92,13 +144,13 @@ impl RelayProcess {
         Ok(Self { child, dir })
     }
 
-    /// Everything the relay printed so far.
+    /// Everything the process printed so far.
     #[must_use]
     pub fn output(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
     }
 
-    /// Kills the relay with SIGKILL (no chance to clean up) and reaps it.
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
     ///
     /// # Errors
     /// If the signal cannot be sent.
@@ -131,7 +183,7 @@ impl RelayProcess {
             if Instant::now() > deadline {
                 self.child.kill()?;
                 bail!(
-                    "consign-relay still running after {timeout:?}:\n{}",
+                    "child process still running after {timeout:?}:\n{}",
                     self.output()
                 );
             }
@@ -140,7 +192,7 @@ impl RelayProcess {
     }
 }
 
-impl Drop for RelayProcess {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,0 +1,55 @@
+//! Errors of the inbox.
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the inbox could not settle a message. Handler failures are not
+/// errors here (they are retried, then dead-lettered); these are failures
+/// of the inbox's own machinery, after which nothing of the message was
+/// committed and it can be offered again.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    /// The database failed (connection lost, commit failed, ...).
+    #[error("inbox database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// Publishing to the dead-letter topic failed.
+    #[error("could not publish to dead-letter topic {topic}: {error}")]
+    DeadLetterTopic {
+        /// The `.dlq` topic.
+        topic: String,
+        /// The producer's error.
+        error: rdkafka::error::KafkaError,
+    },
+
+    /// The inner service reported it cannot take requests any more.
+    #[error("the handler service failed: {0}")]
+    Service(BoxError),
+}
+
+/// Errors of the Kafka consumer runner.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError {
+    /// The Kafka client could not be created or subscribed; the message
+    /// names the property or topic.
+    #[error("kafka consumer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+
+    /// A configuration value is wrong.
+    #[error("invalid consumer configuration: {0}")]
+    Config(String),
+
+    /// A partition worker stopped unexpectedly; the consumer stopped so that
+    /// no message is skipped (restarting resumes from the stored offsets).
+    #[error("partition worker for {topic}/{partition} stopped unexpectedly: {reason}")]
+    Worker {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// What happened.
+        reason: String,
+    },
+}

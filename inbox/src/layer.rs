@@ -1,0 +1,271 @@
+//! `InboxLayer` and its configuration.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use tower::Layer;
+
+use crate::InboxService;
+
+/// What the inbox does with a message that has no usable `consign-id`
+/// header (not produced by a consign relay, or altered on the way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingId {
+    /// Send it to the dead letters with the reason (the default: without an
+    /// id, duplicates cannot be recognised across producers' retries).
+    #[default]
+    DeadLetter,
+    /// Derive the id from the record's topic, partition and offset
+    /// ([`Received::position_id`](crate::Received::position_id)):
+    /// redeliveries of the same record are recognised, but the same event
+    /// produced twice is handled twice.
+    FromPosition,
+}
+
+/// How often and how fast a failing handler is retried before its message
+/// goes to the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1). Default 5.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; it doubles per attempt (with
+    /// jitter). Default 100 ms.
+    pub min_delay: Duration,
+    /// Longest delay between attempts. Default 10 s.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    pub(crate) fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        use backon::BackoffBuilder as _;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}
+
+/// Counters of an inbox since it was built (shared by all its services).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboxStats {
+    /// Messages whose handler succeeded and committed.
+    pub handled: u64,
+    /// Messages skipped because their id was already recorded.
+    pub duplicates: u64,
+    /// Handler attempts that failed (error, panic, rejection).
+    pub failed_attempts: u64,
+    /// Messages sent to the dead letters.
+    pub dead_lettered: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) handled: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) failed_attempts: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Settings shared by an inbox's services.
+pub(crate) struct Shared {
+    pub(crate) pool: PgPool,
+    pub(crate) consumer: String,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) missing_id: MissingId,
+    pub(crate) dead_letter_producer: Option<FutureProducer>,
+    pub(crate) counters: Counters,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("consumer", &self.consumer)
+            .field("retry", &self.retry)
+            .field("missing_id", &self.missing_id)
+            .field("dead_letter_topic", &self.dead_letter_producer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A tower [`Layer`] that makes the wrapped handler's effect happen once per
+/// message id.
+///
+/// For each message (or batch of messages) the inbox opens a transaction,
+/// records `(consumer, message id)` with `INSERT … ON CONFLICT DO NOTHING`
+/// and the message's Kafka offset, and calls the inner service with a
+/// [`Delivery`](crate::Delivery) carrying that transaction, only for ids not
+/// seen before. It commits when the inner service returns `Ok`; on an error
+/// or a panic it rolls back and retries with backoff, then dead-letters.
+///
+/// The consumer name is also the Kafka consumer group of an
+/// [`InboxConsumer`](crate::InboxConsumer) built from this layer and the
+/// group under which offsets are stored.
+///
+/// ```no_run
+/// use consign_inbox::{Delivery, InboxLayer};
+/// use tower::ServiceBuilder;
+///
+/// # fn demo(pool: sqlx::PgPool) {
+/// let inbox = InboxLayer::new(pool, "inventory");
+/// let service = ServiceBuilder::new()
+///     .layer(inbox)
+///     .timeout(std::time::Duration::from_secs(5)) // per handler call
+///     .service_fn(|mut d: Delivery| async move {
+///         sqlx::query("INSERT INTO seen (id) VALUES ($1)")
+///             .bind(d.id())
+///             .execute(d.conn())
+///             .await?;
+///         Ok::<_, sqlx::Error>(())
+///     });
+/// # let _ = service; }
+/// ```
+#[derive(Debug, Clone)]
+pub struct InboxLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl InboxLayer {
+    /// An inbox for `consumer` with the default retry policy and
+    /// [`MissingId::DeadLetter`].
+    ///
+    /// # Panics
+    /// If `consumer` is empty.
+    #[must_use]
+    pub fn new(pool: PgPool, consumer: impl Into<String>) -> Self {
+        Self::builder(pool, consumer).build()
+    }
+
+    /// Starts configuring an inbox for `consumer`.
+    pub fn builder(pool: PgPool, consumer: impl Into<String>) -> InboxLayerBuilder {
+        InboxLayerBuilder {
+            pool,
+            consumer: consumer.into(),
+            retry: RetryPolicy::default(),
+            missing_id: MissingId::default(),
+            dead_letter_producer: None,
+        }
+    }
+
+    /// The consumer name (dedup scope, offsets group, Kafka group id).
+    #[must_use]
+    pub fn consumer(&self) -> &str {
+        &self.shared.consumer
+    }
+
+    /// The database pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.shared.pool
+    }
+
+    /// Counters since the inbox was built.
+    #[must_use]
+    pub fn stats(&self) -> InboxStats {
+        let c = &self.shared.counters;
+        InboxStats {
+            handled: c.handled.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            failed_attempts: c.failed_attempts.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<S> Layer<S> for InboxLayer {
+    type Service = InboxService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InboxService::new(Arc::clone(&self.shared), inner)
+    }
+}
+
+/// Configures an [`InboxLayer`].
+#[must_use]
+pub struct InboxLayerBuilder {
+    pool: PgPool,
+    consumer: String,
+    retry: RetryPolicy,
+    missing_id: MissingId,
+    dead_letter_producer: Option<FutureProducer>,
+}
+
+impl std::fmt::Debug for InboxLayerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboxLayerBuilder")
+            .field("consumer", &self.consumer)
+            .field("retry", &self.retry)
+            .field("missing_id", &self.missing_id)
+            .field("dead_letter_topic", &self.dead_letter_producer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboxLayerBuilder {
+    /// Retry policy for failing handlers.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// What to do with messages without a `consign-id` header.
+    pub fn missing_id(mut self, policy: MissingId) -> Self {
+        self.missing_id = policy;
+        self
+    }
+
+    /// Also publish each dead letter to `<topic>.dlq` with this producer,
+    /// with the original headers plus `consign-dlq-error`,
+    /// `consign-dlq-topic`, `consign-dlq-partition`, `consign-dlq-offset`,
+    /// `consign-dlq-attempts` and `consign-dlq-consumer`. The inbox waits for
+    /// the broker's acknowledgement before it commits the dead letter.
+    pub fn dead_letter_topic(mut self, producer: FutureProducer) -> Self {
+        self.dead_letter_producer = Some(producer);
+        self
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Panics
+    /// If the consumer name is empty or the retry policy allows no attempt.
+    pub fn build(self) -> InboxLayer {
+        assert!(
+            !self.consumer.trim().is_empty(),
+            "the inbox consumer name must not be empty"
+        );
+        assert!(
+            self.retry.max_attempts >= 1,
+            "RetryPolicy::max_attempts must be at least 1"
+        );
+        InboxLayer {
+            shared: Arc::new(Shared {
+                pool: self.pool,
+                consumer: self.consumer,
+                retry: self.retry,
+                missing_id: self.missing_id,
+                dead_letter_producer: self.dead_letter_producer,
+                counters: Counters::default(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! `InboxService`: dedup, transaction, retries and dead letters around a
+//! handler.
+
+use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{PgConnection, Postgres, Transaction};
+use tower::{Service, ServiceExt};
+use uuid::Uuid;
+
+use crate::delivery::{DecodeError, Rejected};
+use crate::layer::{Counters, MissingId, Shared};
+use crate::{BoxError, Delivery, InboxError, Received, store};
+
+/// How long the inbox waits, after the handler returned, for its
+/// [`Delivery`] (and so the transaction) to come back.
+const DELIVERY_RETURN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler succeeded; its writes and the dedup record committed.
+    Handled,
+    /// The id was already recorded: the handler was not called.
+    Duplicate,
+    /// The message went to the dead letters.
+    DeadLettered {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What became of a batch of messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchOutcome {
+    /// Messages handled.
+    pub handled: u64,
+    /// Messages skipped as duplicates.
+    pub duplicates: u64,
+    /// Messages sent to the dead letters.
+    pub dead_lettered: u64,
+    /// Handler attempts that failed on the way.
+    pub failed_attempts: u64,
+}
+
+impl BatchOutcome {
+    fn add(&mut self, outcome: &Outcome, failed_attempts: u64) {
+        match outcome {
+            Outcome::Handled => self.handled += 1,
+            Outcome::Duplicate => self.duplicates += 1,
+            Outcome::DeadLettered { .. } => self.dead_lettered += 1,
+        }
+        self.failed_attempts += failed_attempts;
+    }
+}
+
+/// The service an [`InboxLayer`](crate::InboxLayer) wraps around a handler.
+///
+/// It takes one [`Received`] message (one transaction per message) or a
+/// `Vec<Received>` (one transaction for the whole batch while handlers
+/// succeed; after a failure, the batch is redone one message per
+/// transaction so that only the failing message is retried). A batch is
+/// handled in its order: give it the messages of one partition in offset
+/// order.
+///
+/// The inner service gets a [`Delivery`] and may return any response; its
+/// error must convert into a [`BoxError`]. Errors it returns, panics, and
+/// tower errors such as a timeout's are handler failures: retried per the
+/// [`RetryPolicy`](crate::RetryPolicy), then dead-lettered.
+#[derive(Debug)]
+pub struct InboxService<S> {
+    shared: Arc<Shared>,
+    inner: S,
+}
+
+impl<S: Clone> Clone for InboxService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> InboxService<S> {
+    pub(crate) fn new(shared: Arc<Shared>, inner: S) -> Self {
+        Self { shared, inner }
+    }
+
+    /// The consumer name of the inbox.
+    #[must_use]
+    pub fn consumer(&self) -> &str {
+        &self.shared.consumer
+    }
+}
+
+impl<S> Service<Received> for InboxService<S>
+where
+    S: Service<Delivery> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+{
+    type Response = Outcome;
+    type Error = InboxError;
+    type Future = BoxFuture<'static, Result<Outcome, InboxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The inner service's readiness is awaited before each call of it.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, message: Received) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let id = resolve_id(&shared, &message);
+            let (outcome, _) =
+                process_one(&shared, &mut inner, &Arc::new(message), &id, None).await?;
+            Ok(outcome)
+        })
+    }
+}
+
+impl<S> Service<Vec<Received>> for InboxService<S>
+where
+    S: Service<Delivery> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+{
+    type Response = BatchOutcome;
+    type Error = InboxError;
+    type Future = BoxFuture<'static, Result<BatchOutcome, InboxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, batch: Vec<Received>) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        let mut inner = self.inner.clone();
+        Box::pin(async move { process_batch(&shared, &mut inner, batch).await })
+    }
+}
+
+fn resolve_id(shared: &Shared, message: &Received) -> Result<Uuid, String> {
+    match (message.consign_id(), shared.missing_id) {
+        (Ok(id), _) => Ok(id),
+        (Err(_), MissingId::FromPosition) => Ok(message.position_id()),
+        (Err(reason), MissingId::DeadLetter) => Err(reason),
+    }
+}
+
+/// A failed handler attempt.
+struct Failure {
+    attempts: u32,
+    reason: String,
+    /// Retrying cannot help (undecodable, rejected).
+    poison: bool,
+}
+
+enum Attempt {
+    Succeeded(Transaction<'static, Postgres>),
+    Failed {
+        tx: Option<Transaction<'static, Postgres>>,
+        reason: String,
+        poison: bool,
+    },
+}
+
+/// Calls the handler once with `tx`, catching panics, and takes the
+/// transaction back.
+async fn attempt<S>(
+    inner: &mut S,
+    message: &Arc<Received>,
+    id: Uuid,
+    number: u32,
+    tx: Transaction<'static, Postgres>,
+) -> Result<Attempt, InboxError>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    let ready = ServiceExt::<Delivery>::ready(inner)
+        .await
+        .map_err(|e| InboxError::Service(e.into()))?;
+    let (delivery, back) = Delivery::new(Arc::clone(message), id, number, tx);
+    let result: Result<Option<BoxError>, String> =
+        match AssertUnwindSafe(ready.call(delivery)).catch_unwind().await {
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(error)) => Ok(Some(error.into())),
+            Err(panic) => Err(panic_message(&*panic)),
+        };
+    let returned = tokio::time::timeout(DELIVERY_RETURN_TIMEOUT, back)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let Some(returned) = returned else {
+        return Ok(Attempt::Failed {
+            tx: None,
+            reason: "the handler kept its Delivery after returning, so its transaction \
+                     could not be committed; do not move the Delivery into spawned tasks"
+                .into(),
+            poison: false,
+        });
+    };
+    Ok(match result {
+        Ok(None) => Attempt::Succeeded(returned.tx),
+        Ok(Some(error)) => {
+            let poison =
+                returned.poison.is_some() || error.is::<DecodeError>() || error.is::<Rejected>();
+            Attempt::Failed {
+                tx: Some(returned.tx),
+                reason: returned.poison.unwrap_or_else(|| error_chain(&*error)),
+                poison,
+            }
+        }
+        Err(panic) => Attempt::Failed {
+            tx: Some(returned.tx),
+            reason: format!("handler panicked: {panic}"),
+            poison: false,
+        },
+    })
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+async fn rollback(tx: Transaction<'static, Postgres>) {
+    if let Err(error) = tx.rollback().await {
+        // The connection is discarded; nothing was committed.
+        tracing::debug!(%error, "rollback failed");
+    }
+}
+
+/// A batch: one transaction while every handler succeeds; after a failure,
+/// the batch is redone one message per transaction.
+async fn process_batch<S>(
+    shared: &Shared,
+    inner: &mut S,
+    batch: Vec<Received>,
+) -> Result<BatchOutcome, InboxError>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    let messages: Vec<Arc<Received>> = batch.into_iter().map(Arc::new).collect();
+    let ids: Vec<Result<Uuid, String>> = messages.iter().map(|m| resolve_id(shared, m)).collect();
+    let (index, first_failure) = match whole_batch(shared, inner, &messages, &ids).await? {
+        Ok(outcome) => return Ok(outcome),
+        Err(failed) => failed,
+    };
+    let mut outcome = BatchOutcome {
+        failed_attempts: 1,
+        ..BatchOutcome::default()
+    };
+    let mut first_failure = Some(first_failure);
+    for (i, (message, id)) in messages.iter().zip(&ids).enumerate() {
+        let prior = if i == index {
+            first_failure.take()
+        } else {
+            None
+        };
+        let (one, failed) = process_one(shared, inner, message, id, prior).await?;
+        outcome.add(&one, failed);
+    }
+    Ok(outcome)
+}
+
+/// Handles `messages` in one transaction. Returns the outcome when it
+/// committed, or the index and failure of the first handler that failed
+/// (everything rolled back).
+async fn whole_batch<S>(
+    shared: &Shared,
+    inner: &mut S,
+    messages: &[Arc<Received>],
+    ids: &[Result<Uuid, String>],
+) -> Result<Result<BatchOutcome, (usize, Failure)>, InboxError>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    if messages.is_empty() {
+        return Ok(Ok(BatchOutcome::default()));
+    }
+    let mut tx = shared.pool.begin().await?;
+    let valid: Vec<Uuid> = ids
+        .iter()
+        .filter_map(|id| id.as_ref().ok().copied())
+        .collect();
+    let mut new = if valid.is_empty() {
+        HashSet::new()
+    } else {
+        store::record_ids(&mut tx, &shared.consumer, &valid).await?
+    };
+    let mut outcome = BatchOutcome::default();
+    // Dead-lettered once every handler has succeeded, so that a rollback
+    // cannot leave a copy on the dead-letter topic.
+    let mut without_id = Vec::new();
+    for (index, (message, id)) in messages.iter().zip(ids).enumerate() {
+        match id {
+            Err(reason) => without_id.push((message, reason)),
+            // Recorded before (or earlier in this batch): a duplicate.
+            Ok(id) if !new.remove(id) => outcome.add(&Outcome::Duplicate, 0),
+            Ok(id) => match attempt(inner, message, *id, 1, tx).await? {
+                Attempt::Succeeded(back) => {
+                    tx = back;
+                    outcome.add(&Outcome::Handled, 0);
+                }
+                Attempt::Failed {
+                    tx: back,
+                    reason,
+                    poison,
+                } => {
+                    if let Some(back) = back {
+                        rollback(back).await;
+                    }
+                    Counters::add(&shared.counters.failed_attempts, 1);
+                    tracing::warn!(
+                        consumer = %shared.consumer, topic = %message.topic,
+                        partition = message.partition, offset = message.offset,
+                        %reason, "handler failed (attempt 1); redoing the batch one message at a time"
+                    );
+                    let failure = Failure {
+                        attempts: 1,
+                        reason,
+                        poison,
+                    };
+                    return Ok(Err((index, failure)));
+                }
+            },
+        }
+    }
+    for (message, reason) in without_id {
+        dead_letter(shared, &mut tx, None, message, reason, 0).await?;
+        outcome.add(
+            &Outcome::DeadLettered {
+                reason: reason.clone(),
+            },
+            0,
+        );
+    }
+    let mut next_offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for message in messages {
+        let next = next_offsets
+            .entry((&message.topic, message.partition))
+            .or_insert(0);
+        *next = (*next).max(message.offset + 1);
+    }
+    for ((topic, partition), next) in next_offsets {
+        store::record_offset(&mut tx, &shared.consumer, topic, partition, next).await?;
+    }
+    tx.commit().await?;
+    count(shared, &outcome);
+    Ok(Ok(outcome))
+}
+
+fn count(shared: &Shared, outcome: &BatchOutcome) {
+    let c = &shared.counters;
+    Counters::add(&c.handled, outcome.handled);
+    Counters::add(&c.duplicates, outcome.duplicates);
+    Counters::add(&c.dead_lettered, outcome.dead_lettered);
+}
+
+/// One message in transactions of its own: retried with backoff, then
+/// dead-lettered. Returns the outcome and the failed attempts it took.
+async fn process_one<S>(
+    shared: &Shared,
+    inner: &mut S,
+    message: &Arc<Received>,
+    id: &Result<Uuid, String>,
+    prior: Option<Failure>,
+) -> Result<(Outcome, u64), InboxError>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    let mut delays = shared.retry.delays();
+    let mut failure = prior;
+    let mut failed = 0;
+    loop {
+        let attempts = failure.as_ref().map_or(0, |f| f.attempts);
+        if let Some(f) = &failure {
+            if f.poison || f.attempts >= shared.retry.max_attempts {
+                let outcome = give_up(shared, message, id, f).await?;
+                return Ok((outcome, failed));
+            }
+            tokio::time::sleep(delays.next().unwrap_or(shared.retry.max_delay)).await;
+        }
+        let mut tx = shared.pool.begin().await?;
+        let id = match id {
+            Ok(id) => *id,
+            Err(reason) => {
+                dead_letter(shared, &mut tx, None, message, reason, 0).await?;
+                finish(shared, tx, message).await?;
+                Counters::add(&shared.counters.dead_lettered, 1);
+                let reason = reason.clone();
+                return Ok((Outcome::DeadLettered { reason }, failed));
+            }
+        };
+        if store::record_ids(&mut tx, &shared.consumer, &[id])
+            .await?
+            .is_empty()
+        {
+            finish(shared, tx, message).await?;
+            Counters::add(&shared.counters.duplicates, 1);
+            return Ok((Outcome::Duplicate, failed));
+        }
+        match attempt(inner, message, id, attempts + 1, tx).await? {
+            Attempt::Succeeded(tx) => {
+                finish(shared, tx, message).await?;
+                Counters::add(&shared.counters.handled, 1);
+                return Ok((Outcome::Handled, failed));
+            }
+            Attempt::Failed { tx, reason, poison } => {
+                if let Some(tx) = tx {
+                    rollback(tx).await;
+                }
+                failed += 1;
+                Counters::add(&shared.counters.failed_attempts, 1);
+                tracing::warn!(
+                    consumer = %shared.consumer, topic = %message.topic,
+                    partition = message.partition, offset = message.offset,
+                    attempt = attempts + 1, %reason, poison, "handler failed"
+                );
+                failure = Some(Failure {
+                    attempts: attempts + 1,
+                    reason,
+                    poison,
+                });
+            }
+        }
+    }
+}
+
+/// Records the message's offset and commits.
+async fn finish(
+    shared: &Shared,
+    mut tx: Transaction<'static, Postgres>,
+    message: &Received,
+) -> Result<(), InboxError> {
+    store::record_offset(
+        &mut tx,
+        &shared.consumer,
+        &message.topic,
+        message.partition,
+        message.offset + 1,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Dead-letters a message whose attempts are used up (or that can never
+/// succeed): its id is recorded as handled so redeliveries skip it.
+async fn give_up(
+    shared: &Shared,
+    message: &Received,
+    id: &Result<Uuid, String>,
+    failure: &Failure,
+) -> Result<Outcome, InboxError> {
+    let mut tx = shared.pool.begin().await?;
+    let id = id.as_ref().ok().copied();
+    if let Some(id) = id
+        && store::record_ids(&mut tx, &shared.consumer, &[id])
+            .await?
+            .is_empty()
+    {
+        // Handled meanwhile by another consumer of the group.
+        finish(shared, tx, message).await?;
+        Counters::add(&shared.counters.duplicates, 1);
+        return Ok(Outcome::Duplicate);
+    }
+    let reason = if failure.poison {
+        failure.reason.clone()
+    } else {
+        format!(
+            "gave up after {} attempts: {}",
+            failure.attempts, failure.reason
+        )
+    };
+    dead_letter(shared, &mut tx, id, message, &reason, failure.attempts).await?;
+    finish(shared, tx, message).await?;
+    Counters::add(&shared.counters.dead_lettered, 1);
+    tracing::error!(
+        consumer = %shared.consumer, topic = %message.topic,
+        partition = message.partition, offset = message.offset,
+        %reason, "message dead-lettered"
+    );
+    Ok(Outcome::DeadLettered { reason })
+}
+
+/// Writes the dead-letter row (and publishes to `<topic>.dlq` if
+/// configured) in the caller's transaction.
+async fn dead_letter(
+    shared: &Shared,
+    conn: &mut PgConnection,
+    id: Option<Uuid>,
+    message: &Received,
+    reason: &str,
+    attempts: u32,
+) -> Result<(), InboxError> {
+    if let Some(producer) = &shared.dead_letter_producer {
+        publish_dead_letter(producer, &shared.consumer, message, reason, attempts).await?;
+    }
+    store::dead_letter(conn, &shared.consumer, id, message, reason, attempts).await?;
+    Ok(())
+}
+
+async fn publish_dead_letter(
+    producer: &FutureProducer,
+    consumer: &str,
+    message: &Received,
+    reason: &str,
+    attempts: u32,
+) -> Result<(), InboxError> {
+    let topic = format!("{}.dlq", message.topic);
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 6);
+    for (name, value) in &message.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: value.as_deref(),
+        });
+    }
+    let partition = message.partition.to_string();
+    let offset = message.offset.to_string();
+    let attempts = attempts.to_string();
+    for (key, value) in [
+        ("consign-dlq-error", reason),
+        ("consign-dlq-topic", message.topic.as_str()),
+        ("consign-dlq-partition", partition.as_str()),
+        ("consign-dlq-offset", offset.as_str()),
+        ("consign-dlq-attempts", attempts.as_str()),
+        ("consign-dlq-consumer", consumer),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(headers);
+    if let Some(key) = &message.key {
+        record = record.key(key.as_slice());
+    }
+    if let Some(payload) = &message.payload {
+        record = record.payload(payload.as_slice());
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(error, _)| InboxError::DeadLetterTopic { topic, error })
+}

@@ -1,0 +1,97 @@
+//! The inbox's SQL (PostgreSQL).
+
+use std::collections::HashSet;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Received;
+
+/// Records ids as handled by `consumer`; returns those that were new.
+pub(crate) async fn record_ids(
+    conn: &mut PgConnection,
+    consumer: &str,
+    ids: &[Uuid],
+) -> sqlx::Result<HashSet<Uuid>> {
+    let new: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO consign_inbox (consumer, message_id)
+         SELECT $1, id FROM unnest($2::uuid[]) AS t(id)
+         ON CONFLICT DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(consumer)
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(new.into_iter().collect())
+}
+
+/// Moves a partition's stored position forward (never back: a late commit
+/// of a consumer that lost the partition cannot rewind the new owner).
+pub(crate) async fn record_offset(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO consign_inbox_offsets (consumer_group, topic, partition, next_offset)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+         SET next_offset = greatest(consign_inbox_offsets.next_offset, excluded.next_offset),
+             updated_at = now()",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partition)
+    .bind(next_offset)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The stored next offsets of `group` for `topics`.
+pub(crate) async fn stored_offsets(
+    pool: &sqlx::PgPool,
+    group: &str,
+    topics: &[String],
+) -> sqlx::Result<Vec<(String, i32, i64)>> {
+    sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM consign_inbox_offsets
+         WHERE consumer_group = $1 AND topic = ANY($2)",
+    )
+    .bind(group)
+    .bind(topics)
+    .fetch_all(pool)
+    .await
+}
+
+/// Writes a dead letter.
+pub(crate) async fn dead_letter(
+    conn: &mut PgConnection,
+    consumer: &str,
+    id: Option<Uuid>,
+    message: &Received,
+    error: &str,
+    attempts: u32,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO consign_dead_letters
+             (consumer, message_id, topic, partition, \"offset\", key, headers, payload, error, attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(consumer)
+    .bind(id)
+    .bind(&message.topic)
+    .bind(message.partition)
+    .bind(message.offset)
+    .bind(message.key.as_deref())
+    .bind(message.headers_json())
+    .bind(message.payload.as_deref())
+    .bind(error)
+    .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! An inbox consumer for crash tests: handles `Step` messages from
+//! `TEST_TOPIC` (group `TEST_GROUP`, broker `TEST_BOOTSTRAP`, database
+//! `DATABASE_URL`) by recording each effect in `test_effects`, until SIGTERM.
+//! `TEST_MAX_BATCH` sets the batch size (default 500).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use consign_inbox::{InboxConsumer, InboxLayer, RetryPolicy};
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+
+fn var(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set"))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&var("DATABASE_URL")?)
+        .await?;
+    let inbox = InboxLayer::builder(pool, var("TEST_GROUP")?)
+        .retry(RetryPolicy {
+            min_delay: Duration::from_millis(20),
+            ..RetryPolicy::default()
+        })
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(consign_test_support::effects::record);
+    let consumer = InboxConsumer::builder(&inbox)
+        .topic(var("TEST_TOPIC")?)
+        .kafka("bootstrap.servers", var("TEST_BOOTSTRAP")?)
+        .kafka("session.timeout.ms", "3000")
+        .kafka("heartbeat.interval.ms", "500")
+        .max_batch(match std::env::var("TEST_MAX_BATCH") {
+            Ok(n) => n.parse().context("TEST_MAX_BATCH")?,
+            Err(_) => 500,
+        })
+        .build()?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        term.recv().await;
+        stop.cancel();
+    });
+    consumer.run(service, shutdown).await?;
+    let stats = inbox.stats();
+    println!("stopped: {stats:?}");
+    Ok(())
+}
