@@ -19,7 +19,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use consign::inbox::{Delivery, InboxConsumer, InboxLayer, Received};
+use consign::inbox::{InboxConsumer, InboxLayer, Received};
 use consign_test_support::effects::TestMessage;
 use consign_test_support::{MockKafka, effects};
 use sqlx::PgPool;
@@ -174,7 +174,7 @@ async fn main() -> Result<()> {
         let inbox = InboxLayer::new(pool.clone(), format!("bench-inbox-{round}"));
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
-            .service_fn(|d: Delivery| effects::record(d));
+            .service_fn(effects::record);
         let with_inbox = run(&pool, &inbox, service, kafka.bootstrap(), topic, total).await?;
         println!("    round {round}: bare {bare:>9.0} msg/s   inbox {with_inbox:>9.0} msg/s");
         bare_best = bare_best.max(bare);

@@ -510,11 +510,16 @@ fn dispatch(
             tpl.add_partition(&tp.0, tp.1);
             consumer.pause(&tpl).map_err(ConsumerError::Kafka)
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(ConsumerError::Worker {
-            topic: tp.0,
-            partition: tp.1,
-            reason: "its task ended (a panic outside the handler?)".into(),
-        }),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(worker_gone(&tp)),
+    }
+}
+
+/// A worker's queue closed although it was not stopped: its task ended.
+fn worker_gone((topic, partition): &Tp) -> ConsumerError {
+    ConsumerError::Worker {
+        topic: topic.clone(),
+        partition: *partition,
+        reason: "its task ended (a panic outside the handler?)".into(),
     }
 }
 
@@ -538,13 +543,7 @@ fn feed_pending(consumer: &BaseConsumer<Ctx>) -> Result<(), ConsumerError> {
                         waiting.push_front(message);
                         break;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        return Err(ConsumerError::Worker {
-                            topic: tp.0.clone(),
-                            partition: tp.1,
-                            reason: "its task ended (a panic outside the handler?)".into(),
-                        });
-                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(worker_gone(tp)),
                 }
             }
             if waiting.is_empty() {

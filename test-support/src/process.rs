@@ -2,6 +2,7 @@
 //! crash tests.
 
 use std::{
+    ffi::OsStr,
     fs::File,
     io::Write,
     path::{Path, PathBuf},
@@ -19,32 +20,39 @@ use nix::{
 /// Environment variable with the path of a prebuilt `consign-relay`.
 pub const RELAY_BIN_ENV: &str = "TEST_RELAY_BIN";
 
+/// Environment variable with the path of a prebuilt `consign-test-consumer`.
+pub const CONSUMER_BIN_ENV: &str = "TEST_CONSUMER_BIN";
+
+type Built = OnceLock<Result<PathBuf, String>>;
+
+/// The path in `env_var` if set, otherwise binary `bin` of the package at
+/// `manifest` (relative to test-support), built once per test process.
+fn binary(cell: &'static Built, env_var: &str, manifest: &str, bin: &str) -> Result<PathBuf> {
+    cell.get_or_init(|| {
+        if let Some(path) = std::env::var_os(env_var) {
+            return Ok(PathBuf::from(path));
+        }
+        escargot::CargoBuild::new()
+            .manifest_path(Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest))
+            .bin(bin)
+            .current_release()
+            .run()
+            .map(|built| built.path().to_path_buf())
+            .map_err(|e| format!("building {bin}: {e}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 /// The `consign-relay` binary: `TEST_RELAY_BIN` if set, otherwise built
 /// once per test process with cargo.
 ///
 /// # Errors
 /// If the build fails.
 pub fn relay_binary() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os(RELAY_BIN_ENV) {
-            return Ok(PathBuf::from(path));
-        }
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/Cargo.toml");
-        escargot::CargoBuild::new()
-            .manifest_path(manifest)
-            .bin("consign-relay")
-            .current_release()
-            .run()
-            .map(|built| built.path().to_path_buf())
-            .map_err(|e| format!("building consign-relay: {e}"))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    static BIN: Built = OnceLock::new();
+    binary(&BIN, RELAY_BIN_ENV, "../relay/Cargo.toml", "consign-relay")
 }
-
-/// Environment variable with the path of a prebuilt `consign-test-consumer`.
-pub const CONSUMER_BIN_ENV: &str = "TEST_CONSUMER_BIN";
 
 /// The `consign-test-consumer` binary (an inbox consumer whose handler
 /// records each effect in `test_effects`): `TEST_CONSUMER_BIN` if set,
@@ -53,22 +61,13 @@ pub const CONSUMER_BIN_ENV: &str = "TEST_CONSUMER_BIN";
 /// # Errors
 /// If the build fails.
 pub fn consumer_binary() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os(CONSUMER_BIN_ENV) {
-            return Ok(PathBuf::from(path));
-        }
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        escargot::CargoBuild::new()
-            .manifest_path(manifest)
-            .bin("consign-test-consumer")
-            .current_release()
-            .run()
-            .map(|built| built.path().to_path_buf())
-            .map_err(|e| format!("building consign-test-consumer: {e}"))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    static BIN: Built = OnceLock::new();
+    binary(
+        &BIN,
+        CONSUMER_BIN_ENV,
+        "Cargo.toml",
+        "consign-test-consumer",
+    )
 }
 
 /// A child process with its output in a log file in a temporary directory.
@@ -83,15 +82,25 @@ pub struct ChildProcess {
 pub type RelayProcess = ChildProcess;
 
 impl ChildProcess {
-    /// Starts `consign-test-consumer` with `env` (see its source for the
-    /// variables it reads).
-    ///
-    /// # Errors
-    /// If the binary cannot be built or started.
-    pub fn start_consumer(env: &[(&str, &str)]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let log = File::create(dir.path().join("relay.log"))?;
-        let child = Command::new(consumer_binary()?)
+    /// Starts `binary` with `args`, output to a log file in `dir`. The test
+    /// decides the child's whole configuration: nothing from the
+    /// developer's shell (`CONSIGN_*`, `DATABASE_URL`) leaks into it, only
+    /// `env`.
+    fn spawn(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        args: &[&OsStr],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let log = File::create(dir.path().join("output.log"))?;
+        let mut command = Command::new(binary);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("CONSIGN_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
+            .args(args)
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -99,8 +108,17 @@ impl ChildProcess {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting consign-test-consumer")?;
+            .with_context(|| format!("starting {}", binary.display()))?;
         Ok(Self { child, dir })
+    }
+
+    /// Starts `consign-test-consumer` with `env` (see its source for the
+    /// variables it reads).
+    ///
+    /// # Errors
+    /// If the binary cannot be built or started.
+    pub fn start_consumer(env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn(&consumer_binary()?, tempfile::tempdir()?, &[], env)
     }
 
     /// Writes `config` (TOML) to a file and starts `consign-relay run` on it.
@@ -120,34 +138,15 @@ impl ChildProcess {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("relay.toml");
         File::create(&config_path)?.write_all(config.as_bytes())?;
-        let log = File::create(dir.path().join("relay.log"))?;
-        let mut command = Command::new(relay_binary()?);
-        // The test decides the relay's whole configuration: nothing from the
-        // developer's shell (`CONSIGN_*`, `DATABASE_URL`) leaks into it.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("CONSIGN_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command
-            .arg("--config")
-            .arg(&config_path)
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting consign-relay")?;
-        Ok(Self { child, dir })
+        let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), config_path.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        Self::spawn(&relay_binary()?, dir, &all, env)
     }
 
     /// Everything the process printed so far.
     #[must_use]
     pub fn output(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("output.log")).unwrap_or_default()
     }
 
     /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
