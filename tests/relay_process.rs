@@ -1,72 +1,17 @@
 //! The `consign-relay` binary as a separate process: killed, stopped,
 //! misconfigured.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use consign::{Message, Outbox};
 use consign_test_support::{
-    RelayProcess, TestBroker, TopicReader, db, eventually, relay_config, unique_topic,
+    RelayProcess, TestBroker, TopicReader, db, eventually, relay_config,
+    stream::{Stream, assert_complete_and_ordered, write_stream},
+    unique_topic,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// Writes `count` events in transactions of `per_tx`, over 50 keys; the
-/// payload is the event's number within its key.
-async fn write_stream(
-    pool: PgPool,
-    topic: String,
-    count: usize,
-    per_tx: usize,
-    pace: Duration,
-) -> Vec<Uuid> {
-    let outbox = Outbox::new();
-    let mut next: HashMap<String, u32> = HashMap::new();
-    let mut ids = Vec::with_capacity(count);
-    while ids.len() < count {
-        let msgs: Vec<Message> = (0..per_tx.min(count - ids.len()))
-            .map(|i| {
-                let key = format!("key-{}", (ids.len() + i) % 50);
-                let n = next.entry(key.clone()).or_default();
-                *n += 1;
-                Message::new(&topic, "Streamed", n.to_string()).with_key(key)
-            })
-            .collect();
-        let mut tx = pool.begin().await.unwrap();
-        outbox.enqueue_batch(&mut *tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
-        ids.extend(msgs.iter().map(Message::id));
-        tokio::time::sleep(pace).await;
-    }
-    ids
-}
-
-/// Every id arrived; per key, after dropping duplicates, 1, 2, 3, ...
-fn assert_complete_and_ordered(ids: &[Uuid], reader: &TopicReader) {
-    let mut seen = std::collections::HashSet::new();
-    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
-    for r in reader
-        .received()
-        .iter()
-        .filter(|r| seen.insert(r.id().unwrap()))
-    {
-        let n = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
-        per_key.entry(r.key.clone().unwrap()).or_default().push(n);
-    }
-    let missing = ids.iter().filter(|id| !seen.contains(id)).count();
-    assert_eq!(
-        missing,
-        0,
-        "{missing} of {} events never reached the topic",
-        ids.len()
-    );
-    for (key, ns) in per_key {
-        let expected: Vec<u32> = (1..=u32::try_from(ns.len()).unwrap()).collect();
-        assert_eq!(ns, expected, "events of {key} out of order");
-    }
-}
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]
 async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool) {
@@ -94,9 +39,9 @@ async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool) 
     let writer = tokio::spawn(write_stream(
         pool.clone(),
         topic.clone(),
-        EVENTS,
-        20,
-        Duration::from_millis(8),
+        Stream::new(EVENTS, 50)
+            .per_tx(20)
+            .pace(Duration::from_millis(8)),
     ));
     let mut relay = RelayProcess::start(&config).unwrap();
     let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
@@ -147,9 +92,9 @@ async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool) {
     let writer = tokio::spawn(write_stream(
         pool.clone(),
         topic.clone(),
-        5000,
-        10,
-        Duration::from_millis(2),
+        Stream::new(5000, 50)
+            .per_tx(10)
+            .pace(Duration::from_millis(2)),
     ));
     let mut relay = RelayProcess::start(&config).unwrap();
     let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();

@@ -7,7 +7,9 @@ use rdkafka::{ClientConfig, error::KafkaError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{Error, Relay, RelaySettings, Result, publish::Publisher};
+use crate::{
+    Error, Relay, RelaySettings, Result, publish::Publisher, relay::Publishers, txn::Transactional,
+};
 
 /// Producer properties consign sets unless the user overrides them.
 ///
@@ -105,9 +107,17 @@ impl RelayBuilder {
         self
     }
 
-    /// Publish only these outbox partitions (default: all).
-    pub fn partitions(mut self, partitions: impl IntoIterator<Item = i16>) -> Self {
-        self.settings.partitions = Some(partitions.into_iter().collect());
+    /// How long partition leases last without renewal (default 10 s). See
+    /// [`RelaySettings::lease_ttl`].
+    pub fn lease_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.settings.lease_ttl = ttl;
+        self
+    }
+
+    /// Produce each partition's batch in one Kafka transaction (default
+    /// off). See [`RelaySettings::transactions`].
+    pub fn transactions(mut self, on: bool) -> Self {
+        self.settings.transactions = on;
         self
     }
 
@@ -127,7 +137,19 @@ impl RelayBuilder {
     pub fn build(self) -> Result<Relay> {
         self.settings.validate()?;
         let config = producer_config(&self.kafka)?;
-        let publisher = Publisher::new(config).map_err(kafka_config_error)?;
+        let publisher = if self.settings.transactions {
+            // Check the properties now; the producers (one per leased
+            // partition) are created when the partitions are acquired.
+            let mut check = config.clone();
+            check.set("transactional.id", "consign-config-check");
+            drop(Publisher::new(check).map_err(kafka_config_error)?);
+            Publishers::PerPartition(Transactional::new(
+                config,
+                self.settings.transactional_id_prefix.clone(),
+            ))
+        } else {
+            Publishers::Shared(Publisher::new(config).map_err(kafka_config_error)?)
+        };
         Ok(Relay::new(
             self.pool,
             publisher,

@@ -27,6 +27,13 @@ enum Command {
     Run,
     /// Create or upgrade consign's tables (safe to run again).
     Migrate,
+    /// Show the running relays, who leases which partition, and the
+    /// backlog per partition.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses the arguments, runs the command, prints any error, returns the
@@ -56,6 +63,7 @@ async fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run => run(config).await,
         Command::Migrate => migrate(&config).await,
+        Command::Status { json } => status(&config, json).await,
     }
 }
 
@@ -83,6 +91,22 @@ async fn migrate(config: &Config) -> Result<()> {
     Ok(())
 }
 
+async fn status(config: &Config, json: bool) -> Result<()> {
+    config.database.validate()?;
+    let pool = config.database.connect_lazy()?;
+    let status = crate::status::status(&pool).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&status);
+        println!(
+            "{}",
+            text.expect("Status holds only plain, serializable fields")
+        );
+    } else {
+        print!("{}", status.to_table());
+    }
+    Ok(())
+}
+
 /// Cancels `token` on SIGTERM or SIGINT.
 async fn cancel_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -106,5 +130,6 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -9,7 +9,6 @@
 
 use std::{collections::BTreeMap, path::Path, str::FromStr, time::Duration};
 
-use consign_outbox::PARTITIONS;
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
@@ -48,8 +47,22 @@ pub struct RelaySettings {
     /// Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Outbox partitions (0 to 31) this relay publishes. Default: all.
-    pub partitions: Option<Vec<i16>>,
+    /// How long a relay's partition leases last without renewal; it renews
+    /// every third of this. A crashed relay's partitions move to the others
+    /// after at most this long. Default 10 s; 1 s to 10 min.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Produce each batch of an outbox partition in one Kafka transaction
+    /// (`transactional.id` = `<transactional-id-prefix>-p<partition>`), so
+    /// `read_committed` consumers see a batch whole or not at all, and a
+    /// relay that lost a partition is fenced by the broker too. Default
+    /// false. Needs brokers with transactions.
+    pub transactions: bool,
+    /// Prefix of the transactional ids. It must be the same for all relays
+    /// of one outbox and differ between outboxes sharing a Kafka cluster.
+    /// Default: `consign-<outbox id>`, an id generated once per database by
+    /// the migrations.
+    pub transactional_id_prefix: Option<String>,
 }
 
 impl Default for RelaySettings {
@@ -61,7 +74,9 @@ impl Default for RelaySettings {
             retry_min_delay: Duration::from_secs(1),
             retry_max_delay: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
-            partitions: None,
+            lease_ttl: Duration::from_secs(10),
+            transactions: false,
+            transactional_id_prefix: None,
         }
     }
 }
@@ -117,19 +132,17 @@ impl RelaySettings {
             ms(0),
             ms(600_000),
         )?;
-        if let Some(partitions) = &self.partitions {
-            check_partitions(partitions)?;
+        in_range("relay.lease-ttl", self.lease_ttl, ms(1000), ms(600_000))?;
+        if let Some(prefix) = &self.transactional_id_prefix {
+            let valid = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+            if prefix.is_empty() || prefix.len() > 200 || !prefix.chars().all(valid) {
+                return Err(Error::config(
+                    "relay.transactional-id-prefix",
+                    "must be 1 to 200 characters of a-z, A-Z, 0-9, '.', '_' and '-'",
+                ));
+            }
         }
         Ok(())
-    }
-
-    /// The partitions to publish: the configured ones or all.
-    #[must_use]
-    pub fn owned_partitions(&self) -> Vec<i16> {
-        match &self.partitions {
-            Some(partitions) => partitions.clone(),
-            None => (0..i16::try_from(PARTITIONS).unwrap_or(i16::MAX)).collect(),
-        }
     }
 }
 
@@ -144,26 +157,6 @@ fn in_range(field: &str, value: Duration, min: Duration, max: Duration) -> Resul
                 humantime::format_duration(value)
             ),
         ));
-    }
-    Ok(())
-}
-
-fn check_partitions(partitions: &[i16]) -> Result<()> {
-    let field = "relay.partitions";
-    if partitions.is_empty() {
-        return Err(Error::config(field, "must list at least one partition"));
-    }
-    let max = i16::try_from(PARTITIONS).unwrap_or(i16::MAX);
-    if let Some(bad) = partitions.iter().find(|p| !(0..max).contains(*p)) {
-        return Err(Error::config(
-            field,
-            format!("{bad} is not between 0 and {}", max - 1),
-        ));
-    }
-    let mut sorted = partitions.to_vec();
-    sorted.sort_unstable();
-    if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err(Error::config(field, "lists a partition twice"));
     }
     Ok(())
 }
@@ -404,7 +397,9 @@ mod tests {
             ("relay.retry-max-delay", |s| {
                 s.retry_max_delay = Duration::from_millis(10);
             }),
-            ("relay.partitions", |s| s.partitions = Some(vec![1, 32])),
+            ("relay.lease-ttl", |s| {
+                s.lease_ttl = Duration::from_millis(100);
+            }),
         ];
         for (field, breaks) in cases {
             let mut settings = RelaySettings::default();

@@ -39,6 +39,8 @@ pub(crate) struct Stats {
     failed: AtomicU64,
     batches: AtomicU64,
     errors: AtomicU64,
+    fenced: AtomicU64,
+    partitions: AtomicU64,
 }
 
 impl Stats {
@@ -48,6 +50,16 @@ impl Stats {
             .fetch_add(count(published), Ordering::Relaxed);
         self.failed.fetch_add(count(failed), Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_fenced(&self, rows: usize) {
+        let rows = u64::try_from(rows).unwrap_or(u64::MAX);
+        self.fenced.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_partitions(&self, partitions: usize) {
+        let partitions = u64::try_from(partitions).unwrap_or(u64::MAX);
+        self.partitions.store(partitions, Ordering::Relaxed);
     }
 
     pub(crate) fn record_error(&self) {
@@ -60,6 +72,8 @@ impl Stats {
             failed: self.failed.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            fenced: self.fenced.load(Ordering::Relaxed),
+            partitions: self.partitions.load(Ordering::Relaxed),
         }
     }
 }
@@ -76,6 +90,12 @@ pub struct RelayStats {
     pub batches: u64,
     /// Batches that failed as a whole (database or broker unreachable).
     pub errors: u64,
+    /// Acknowledged rows this relay could not delete because their
+    /// partition's lease had passed to another relay (which sends them
+    /// again).
+    pub fenced: u64,
+    /// Outbox partitions the relay published in its latest batch.
+    pub partitions: u64,
 }
 
 /// A relay running on its own task, from [`Relay::spawn`](crate::Relay::spawn).
@@ -88,6 +108,7 @@ pub struct RelayHandle {
     shutdown: CancellationToken,
     waker: Waker,
     stats: Arc<Stats>,
+    instance: String,
 }
 
 impl RelayHandle {
@@ -96,13 +117,21 @@ impl RelayHandle {
         shutdown: CancellationToken,
         waker: Waker,
         stats: Arc<Stats>,
+        instance: String,
     ) -> Self {
         Self {
             task,
             shutdown,
             waker,
             stats,
+            instance,
         }
+    }
+
+    /// The relay's instance name, the owner named in its leases.
+    #[must_use]
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Makes the relay poll now. See [`Waker`].
@@ -129,7 +158,8 @@ impl RelayHandle {
     }
 
     /// Stops the relay: it finishes the batch in flight (waiting at most
-    /// `shutdown-timeout` for acknowledgements) and returns.
+    /// `shutdown-timeout` for acknowledgements), releases its leases and
+    /// returns.
     ///
     /// # Errors
     /// The error that ended the relay, or [`Error::Task`] if it panicked.

@@ -11,7 +11,9 @@
 //! | brokers down | librdkafka retries; rows stay; the relay resumes by itself |
 //! | database connection lost | the batch is retried with backoff on a new connection |
 //! | the broker refuses a row | the row keeps `attempts` and `last_error`, is retried with backoff, and holds back later rows of its key only |
-//! | SIGTERM | the batch in flight is finished (or left for later), exit 0 |
+//! | SIGTERM | the batch in flight is finished (or left for later), leases released, exit 0 |
+//! | another relay starts or stops | the 32 outbox partitions are re-divided within ±1 of even ([`lease`]) |
+//! | a relay stalls past its lease | its partitions move; its late deletes are refused by the lease epoch |
 //!
 //! Each message carries the headers `consign-id` (its UUID v7, for
 //! deduplication), `consign-event-type`, `traceparent`/`tracestate` when the
@@ -44,7 +46,7 @@
 //!
 //! # As a process
 //! `consign-relay migrate` creates the tables, `consign-relay run` publishes
-//! until SIGTERM. Configuration: [`Config`] and `reference.toml`.
+//! until SIGTERM, `consign-relay status` shows relays, leases and backlog. Configuration: [`Config`] and `reference.toml`.
 //!
 //! [consign]: https://github.com/consign-rs/consign
 
@@ -53,9 +55,12 @@ pub mod cli;
 pub mod config;
 mod error;
 mod handle;
+pub mod lease;
 mod publish;
 mod relay;
+pub mod status;
 mod store;
+mod txn;
 
 pub use builder::{PRODUCER_DEFAULTS, RelayBuilder};
 pub use config::{Config, RelaySettings};
@@ -63,5 +68,6 @@ pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};
 pub use publish::{HEADER_EVENT_TYPE, HEADER_ID};
 pub use relay::Relay;
+pub use status::{Status, status};
 
 pub use rdkafka::ClientConfig;

@@ -47,12 +47,17 @@ impl Publisher {
         Ok(Self { config, producer })
     }
 
+    /// The producer, for transaction calls.
+    pub(crate) fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
     /// Produces every row (in order), then waits for every acknowledgement.
     /// If `shutdown` fires, waits at most `grace` more; rows without an
     /// answer by then are [`Outcome::Unknown`].
     pub(crate) async fn publish(
         &self,
-        rows: &[OutboxRow],
+        rows: &[&OutboxRow],
         shutdown: &CancellationToken,
         grace: Duration,
     ) -> Vec<Outcome> {
@@ -73,6 +78,10 @@ impl Publisher {
                 }
             }
         }
+        tracing::debug!(
+            produced = pending.len(),
+            "batch produced; waiting for acknowledgements"
+        );
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;

@@ -11,34 +11,50 @@ use crate::{
     Error, RelayBuilder, RelaySettings, Result,
     builder::PublishedHook,
     handle::{RelayHandle, Stats, Waker},
+    lease::{self, Coordinator, Owned, Ownership},
     publish::{Outcome, Publisher},
-    store::{self, Failure, OutboxRow},
+    store::{self, Failure, Fence, OutboxRow},
+    txn::Transactional,
 };
 
 /// Moves committed outbox rows to Kafka.
 ///
-/// Each batch: read up to `batch-size` rows of the owned partitions in
-/// `seq` order, produce them all with the idempotent producer, wait for the
-/// broker's acknowledgements, then delete the acknowledged rows with one
+/// Each batch: read up to `batch-size` rows of the partitions this relay
+/// leases, in `seq` order, produce them all (with the idempotent producer,
+/// or in transactions mode one Kafka transaction per partition), wait for
+/// the broker's acknowledgements, then delete the acknowledged rows with one
 /// statement and record errors on the refused ones. A crash at any point
 /// leaves unacknowledged rows in the table; they are sent again (duplicates,
 /// never loss) and the inbox drops the duplicates.
+///
+/// Several relays (processes or tasks) can run on one outbox: they divide its
+/// 32 partitions through leases, see [`lease`](crate::lease).
 ///
 /// Build one with [`Relay::builder`], then [`Relay::spawn`] it or drive
 /// [`Relay::run`] yourself.
 pub struct Relay {
     pool: PgPool,
-    publisher: Publisher,
+    publisher: Publishers,
     settings: RelaySettings,
-    partitions: Vec<i16>,
+    instance: String,
+    host: String,
+    ownership: Arc<Ownership>,
     waker: Waker,
     stats: Arc<Stats>,
     on_published: Option<PublishedHook>,
 }
 
+/// The producer(s): one shared idempotent producer, or one transactional
+/// producer per leased partition.
+pub(crate) enum Publishers {
+    Shared(Publisher),
+    PerPartition(Transactional),
+}
+
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
+            .field("instance", &self.instance)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -52,19 +68,29 @@ impl Relay {
 
     pub(crate) fn new(
         pool: PgPool,
-        publisher: Publisher,
+        publisher: Publishers,
         settings: RelaySettings,
         on_published: Option<PublishedHook>,
     ) -> Self {
+        let (instance, host) = lease::instance_name();
         Self {
             pool,
             publisher,
-            partitions: settings.owned_partitions(),
             settings,
+            instance,
+            host,
+            ownership: Arc::default(),
             waker: Waker::default(),
             stats: Arc::default(),
             on_published,
         }
+    }
+
+    /// The name this relay registers under in `consign_relays` and as the
+    /// owner of its leases (`host-pid-random`).
+    #[must_use]
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// A handle that makes the relay poll now (call it after a commit that
@@ -80,23 +106,49 @@ impl Relay {
         let shutdown = CancellationToken::new();
         let waker = self.waker.clone();
         let stats = Arc::clone(&self.stats);
+        let instance = self.instance.clone();
         let task = tokio::spawn(self.run(shutdown.clone()));
-        RelayHandle::new(task, shutdown, waker, stats)
+        RelayHandle::new(task, shutdown, waker, stats, instance)
     }
 
     /// Publishes until `shutdown` is cancelled, then finishes the batch in
-    /// flight (waiting at most `shutdown-timeout` for acknowledgements) and
-    /// returns. Outages of the database or the brokers are logged and
-    /// retried with backoff; they do not end the loop.
+    /// flight (waiting at most `shutdown-timeout` for acknowledgements),
+    /// releases its leases and returns. Outages of the database or the
+    /// brokers are logged and retried with backoff; they do not end the loop.
     ///
     /// # Errors
     /// Only if the Kafka producer cannot be recreated after a fatal error.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         info!(
-            partitions = self.partitions.len(),
+            instance = %self.instance,
             batch_size = self.settings.batch_size,
+            lease_ttl = ?self.settings.lease_ttl,
+            transactions = self.settings.transactions,
             "relay started"
         );
+        let stop_coordinator = CancellationToken::new();
+        let coordinator = tokio::spawn(
+            Coordinator::new(
+                self.pool.clone(),
+                self.instance.clone(),
+                self.host.clone(),
+                self.settings.lease_ttl,
+                Arc::clone(&self.ownership),
+            )
+            .run(stop_coordinator.clone()),
+        );
+        let result = self.publish_until(&shutdown).await;
+        stop_coordinator.cancel();
+        if let Err(error) = coordinator.await {
+            warn!(%error, "lease coordinator task failed");
+        }
+        self.leave().await;
+        info!("relay stopped");
+        result
+    }
+
+    /// The publishing loop.
+    async fn publish_until(&mut self, shutdown: &CancellationToken) -> Result<()> {
         let mut pause = self.settings.poll_interval;
         let mut error_delays = outage_backoff();
         while !shutdown.is_cancelled() {
@@ -106,8 +158,16 @@ impl Relay {
                 delivered = tracing::field::Empty,
                 failed = tracing::field::Empty
             );
-            match self.batch(&shutdown).instrument(span).await {
-                Ok(fetched) => {
+            match self.batch(shutdown).instrument(span).await {
+                Ok(None) => {
+                    // No leases (yet): wait for the coordinator.
+                    tokio::select! {
+                        () = self.ownership.changed() => {}
+                        () = tokio::time::sleep(self.settings.max_poll_interval) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                }
+                Ok(Some(fetched)) => {
                     error_delays = outage_backoff();
                     if fetched == self.batch_limit() {
                         pause = self.settings.poll_interval;
@@ -118,7 +178,7 @@ impl Relay {
                     } else {
                         (pause * 2).min(self.settings.max_poll_interval)
                     };
-                    self.idle(pause, &shutdown).await;
+                    self.idle(pause, shutdown).await;
                 }
                 Err(Error::Kafka(error)) => return Err(Error::Kafka(error)),
                 Err(error) => {
@@ -132,9 +192,26 @@ impl Relay {
                 }
             }
         }
-        self.publisher.flush(self.settings.shutdown_timeout);
-        info!("relay stopped");
         Ok(())
+    }
+
+    /// Flushes or drops the producers, then gives up leases and membership
+    /// so other relays take the partitions over at once.
+    async fn leave(&mut self) {
+        match &mut self.publisher {
+            Publishers::Shared(publisher) => publisher.flush(self.settings.shutdown_timeout),
+            Publishers::PerPartition(transactional) => transactional.close(),
+        }
+        let leave = lease::leave(&self.pool, &self.instance);
+        match tokio::time::timeout(Duration::from_secs(5), leave).await {
+            Ok(Ok(())) => info!("partition leases released"),
+            Ok(Err(error)) => {
+                warn!(%error, "could not release partition leases; they expire after the lease TTL");
+            }
+            Err(_) => {
+                warn!("releasing partition leases timed out; they expire after the lease TTL");
+            }
+        }
     }
 
     fn batch_limit(&self) -> usize {
@@ -150,32 +227,68 @@ impl Relay {
         }
     }
 
-    /// One read → produce → acknowledge → delete round. Returns the number
-    /// of rows read.
-    async fn batch(&mut self, shutdown: &CancellationToken) -> Result<usize> {
+    /// Releases surplus leases, then one read → produce → acknowledge →
+    /// delete round. Returns the number of rows read, or `None` when the
+    /// relay holds no partition.
+    async fn batch(&mut self, shutdown: &CancellationToken) -> Result<Option<usize>> {
+        self.release_surplus().await?;
+        let mut owned = self.ownership.current();
+        if let Publishers::PerPartition(transactional) = &mut self.publisher {
+            owned = transactional.sync(&self.pool, &owned).await;
+        }
+        self.stats.set_partitions(owned.len());
+        if owned.is_empty() {
+            return Ok(None);
+        }
         let rows = {
             let mut conn = self.pool.acquire().await?;
             let limit = i64::from(self.settings.batch_size);
-            store::fetch(&mut conn, &self.partitions, limit).await?
+            let partitions: Vec<i16> = owned.keys().copied().collect();
+            store::fetch(&mut conn, &partitions, limit).await?
         };
         tracing::Span::current().record("fetched", rows.len());
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
-        let outcomes = self
-            .publisher
-            .publish(&rows, shutdown, self.settings.shutdown_timeout)
-            .await;
-        self.settle(&rows, &outcomes).await?;
-        if let Some(reason) = self.publisher.renew_if_fatal()? {
+        let grace = self.settings.shutdown_timeout;
+        let outcomes = match &mut self.publisher {
+            Publishers::Shared(publisher) => {
+                let refs: Vec<&OutboxRow> = rows.iter().collect();
+                publisher.publish(&refs, shutdown, grace).await
+            }
+            Publishers::PerPartition(transactional) => {
+                let (outcomes, fenced) = transactional.publish(&rows, shutdown, grace).await;
+                self.ownership.forget(&fenced);
+                outcomes
+            }
+        };
+        self.settle(&rows, &outcomes, &owned).await?;
+        if let Publishers::Shared(publisher) = &mut self.publisher
+            && let Some(reason) = publisher.renew_if_fatal()?
+        {
             error!(%reason, "Kafka producer hit a fatal error; created a new one");
         }
-        Ok(rows.len())
+        Ok(Some(rows.len()))
+    }
+
+    /// Gives up the partitions the coordinator marked as surplus. Runs
+    /// between batches, so none of their rows is in flight.
+    async fn release_surplus(&self) -> Result<()> {
+        let surplus = self.ownership.to_release();
+        if surplus.is_empty() {
+            return Ok(());
+        }
+        lease::release(&self.pool, &self.instance, &surplus).await?;
+        let partitions: Vec<i16> = surplus.iter().map(|(p, _)| *p).collect();
+        self.ownership.forget(&partitions);
+        info!(?partitions, "released surplus partitions");
+        Ok(())
     }
 
     /// Deletes delivered rows and records failures, retrying briefly if the
-    /// database connection dropped while the batch was in flight.
-    async fn settle(&self, rows: &[OutboxRow], outcomes: &[Outcome]) -> Result<()> {
+    /// database connection dropped while the batch was in flight. Both are
+    /// fenced by the leases the rows were read under.
+    async fn settle(&self, rows: &[OutboxRow], outcomes: &[Outcome], owned: &Owned) -> Result<()> {
         let mut delivered = Vec::new();
         let mut delivered_ids = Vec::new();
         let mut failures = Vec::new();
@@ -192,30 +305,71 @@ impl Relay {
         if let Some(hook) = &self.on_published {
             hook(&delivered_ids);
         }
+        let fence = Fence {
+            instance: &self.instance,
+            owned,
+        };
         let retry = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_times(5);
-        (|| async {
+        let deleted = (|| async {
             let mut conn = self.pool.acquire().await?;
+            let mut deleted = 0;
             if !delivered.is_empty() {
-                store::delete_published(&mut conn, &delivered).await?;
+                deleted = store::delete_published(&mut conn, fence, &delivered).await?;
             }
             if !failures.is_empty() {
-                store::record_failures(&mut conn, &failures).await?;
+                store::record_failures(&mut conn, fence, &failures).await?;
             }
-            Ok::<(), sqlx::Error>(())
+            Ok::<u64, sqlx::Error>(deleted)
         })
         .retry(retry)
         .notify(|error: &sqlx::Error, delay| {
             warn!(%error, ?delay, "could not record the batch outcome; retrying");
         })
         .await?;
+        let kept = delivered.len()
+            - usize::try_from(deleted)
+                .unwrap_or(usize::MAX)
+                .min(delivered.len());
+        if kept > 0 {
+            self.stats.record_fenced(kept);
+            self.forget_lost(owned).await?;
+            warn!(
+                kept,
+                "acknowledged rows not deleted: their partitions are leased by another relay now, which sends them again (duplicates)"
+            );
+        }
         self.stats.record_batch(delivered.len(), failures.len());
         log_failures(&failures, rows);
         let span = tracing::Span::current();
         span.record("delivered", delivered.len());
         span.record("failed", failures.len());
         debug!("batch settled");
+        Ok(())
+    }
+
+    /// After a fenced delete: stops publishing the partitions of `owned`
+    /// whose leases are no longer this relay's.
+    async fn forget_lost(&self, owned: &Owned) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let held = store::held(
+            &mut conn,
+            Fence {
+                instance: &self.instance,
+                owned,
+            },
+        )
+        .await?;
+        let lost: Vec<i16> = owned
+            .keys()
+            .filter(|p| !held.contains(p))
+            .copied()
+            .collect();
+        if !lost.is_empty() {
+            warn!(partitions = ?lost, "partition leases were taken over; stopped publishing them");
+            self.ownership.forget(&lost);
+        }
         Ok(())
     }
 

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, Row, postgres::PgArguments};
+
+use crate::lease::Owned;
 use uuid::Uuid;
 
 /// Reads the next rows to publish from the owned partitions, in `seq` order.
@@ -17,7 +19,7 @@ WITH blocked AS (
     WHERE next_attempt_at > now() AND key IS NOT NULL AND partition = ANY($1)
     GROUP BY topic, key
 )
-SELECT o.seq, o.id, o.topic, o.key, o.event_type, o.payload, o.headers,
+SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
        o.traceparent, o.tracestate, o.created_at, o.attempts
 FROM consign_outbox o
 WHERE o.partition = ANY($1)
@@ -28,23 +30,54 @@ WHERE o.partition = ANY($1)
 ORDER BY o.seq
 LIMIT $2";
 
-/// Deletes rows the broker has acknowledged.
-const DELETE_PUBLISHED: &str = "DELETE FROM consign_outbox WHERE seq = ANY($1)";
+/// Prefixes a statement with the leases it is fenced by: the partitions
+/// this relay ($1) still holds with the epochs it read its rows under ($2,
+/// $3), locked so that no other relay can take them over until the
+/// statement's transaction ends.
+macro_rules! fenced {
+    ($statement:literal) => {
+        concat!(
+            "WITH fence AS (
+    SELECT l.partition
+    FROM consign_relay_leases l
+    JOIN unnest($2::int2[], $3::int8[]) AS h(partition, epoch)
+      ON l.partition = h.partition AND l.epoch = h.epoch
+    WHERE l.owner = $1
+    FOR SHARE OF l
+)",
+            $statement
+        )
+    };
+}
+/// Deletes rows the broker has acknowledged, in partitions still leased.
+/// The fence is evaluated once (an array), not joined per row: a join made
+/// the planner probe the index once per leased partition.
+const DELETE_PUBLISHED: &str = fenced!(
+    "
+DELETE FROM consign_outbox o
+WHERE o.seq = ANY($4) AND o.partition = ANY(ARRAY(SELECT partition FROM fence))"
+);
 
 /// Records failed attempts: error text and the time of the next try.
-const RECORD_FAILURES: &str = "\
+const RECORD_FAILURES: &str = fenced!(
+    "
 UPDATE consign_outbox AS o
 SET attempts = o.attempts + 1,
     last_error = f.error,
     next_attempt_at = now() + f.delay_ms * interval '1 millisecond'
-FROM unnest($1::int8[], $2::text[], $3::int8[]) AS f(seq, error, delay_ms)
-WHERE o.seq = f.seq";
+FROM unnest($4::int8[], $5::text[], $6::int8[]) AS f(seq, error, delay_ms)
+WHERE o.seq = f.seq AND o.partition = ANY(ARRAY(SELECT partition FROM fence))"
+);
+
+/// The partitions of the fence still held under the same epochs.
+const HELD: &str = fenced!(" SELECT partition FROM fence");
 
 /// One outbox row as the relay reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct OutboxRow {
     pub(crate) seq: i64,
     pub(crate) id: Uuid,
+    pub(crate) partition: i16,
     pub(crate) topic: String,
     pub(crate) key: Option<String>,
     pub(crate) event_type: String,
@@ -96,26 +129,64 @@ pub(crate) async fn fetch(
         .await
 }
 
-pub(crate) async fn delete_published(conn: &mut PgConnection, seqs: &[i64]) -> sqlx::Result<u64> {
-    let done = sqlx::query(DELETE_PUBLISHED)
+/// The leases a relay holds: its instance name and, per partition, the
+/// epoch it read rows under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fence<'a> {
+    pub(crate) instance: &'a str,
+    pub(crate) owned: &'a Owned,
+}
+
+impl Fence<'_> {
+    fn bind<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Postgres, PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        let (partitions, epochs): (Vec<i16>, Vec<i64>) =
+            self.owned.iter().map(|(p, e)| (*p, *e)).unzip();
+        query
+            .bind(self.instance.to_owned())
+            .bind(partitions)
+            .bind(epochs)
+    }
+}
+
+/// Deletes acknowledged rows of partitions `fence` still holds. Returns how
+/// many were deleted; rows of lost partitions stay for their new owner.
+pub(crate) async fn delete_published(
+    conn: &mut PgConnection,
+    fence: Fence<'_>,
+    seqs: &[i64],
+) -> sqlx::Result<u64> {
+    let done = fence
+        .bind(sqlx::query(DELETE_PUBLISHED))
         .bind(seqs)
         .execute(conn)
         .await?;
     Ok(done.rows_affected())
 }
 
+/// Records publish failures on rows of partitions `fence` still holds.
 pub(crate) async fn record_failures(
     conn: &mut PgConnection,
+    fence: Fence<'_>,
     failures: &[Failure],
 ) -> sqlx::Result<u64> {
     let seqs: Vec<i64> = failures.iter().map(|f| f.seq).collect();
     let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
     let delays: Vec<i64> = failures.iter().map(|f| f.retry_in_ms).collect();
-    let done = sqlx::query(RECORD_FAILURES)
+    let done = fence
+        .bind(sqlx::query(RECORD_FAILURES))
         .bind(seqs)
         .bind(errors)
         .bind(delays)
         .execute(conn)
         .await?;
     Ok(done.rows_affected())
+}
+
+/// The partitions of `fence` still leased under the same epoch.
+pub(crate) async fn held(conn: &mut PgConnection, fence: Fence<'_>) -> sqlx::Result<Vec<i16>> {
+    let rows = fence.bind(sqlx::query(HELD)).fetch_all(conn).await?;
+    rows.iter().map(|row| row.try_get(0)).collect()
 }

@@ -238,6 +238,70 @@ impl TestBroker {
     }
 }
 
+/// What a broker does with transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transactions {
+    /// Refuses them (e.g. Tansu with memory storage).
+    Refused,
+    /// Accepts them, but `read_committed` consumers also see aborted
+    /// messages (librdkafka's mock cluster).
+    NotIsolated,
+    /// Accepts them and hides aborted and open transactions from
+    /// `read_committed` consumers, as Kafka does.
+    Isolated,
+}
+
+impl TestBroker {
+    /// Whether the broker supports transactions and gives `read_committed`
+    /// consumers Kafka's isolation: it writes a message in a transaction it aborts, then one
+    /// in a transaction it commits, and reads the topic back. librdkafka's
+    /// mock cluster accepts transactions but does not isolate them (its
+    /// fetch reports no aborted transactions and a stable offset at the end
+    /// of the log); brokers without transactions refuse them.
+    ///
+    /// # Errors
+    /// If the probe topic cannot be created or read.
+    pub async fn transactions(&self) -> Result<Transactions> {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let topic = crate::unique_topic("isolation-probe");
+        self.create_topic(&topic, 1).await?;
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("transactional.id", &topic)
+            .create()?;
+        let probe_topic = topic.clone();
+        let probe = move || -> rdkafka::error::KafkaResult<()> {
+            let topic = probe_topic;
+            let timeout = Duration::from_secs(10);
+            producer.init_transactions(timeout)?;
+            for (payload, commit) in [("aborted", false), ("committed", true)] {
+                producer.begin_transaction()?;
+                producer
+                    .send(BaseRecord::<(), _>::to(&topic).payload(payload))
+                    .map_err(|(e, _)| e)?;
+                producer.flush(timeout)?;
+                if commit {
+                    producer.commit_transaction(timeout)?;
+                } else {
+                    producer.abort_transaction(timeout)?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(error) = tokio::task::spawn_blocking(probe).await? {
+            println!("broker refused a transaction: {error}");
+            return Ok(Transactions::Refused);
+        }
+        let mut reader = crate::TopicReader::new(self.bootstrap(), &topic)?;
+        reader.read_to_end(Duration::from_secs(30)).await?;
+        if reader.received().iter().any(|r| r.payload == b"aborted") {
+            Ok(Transactions::NotIsolated)
+        } else {
+            Ok(Transactions::Isolated)
+        }
+    }
+}
+
 async fn create_external_topic(address: &str, topic: &str, partitions: i32) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", address)

@@ -8,14 +8,16 @@
 //!   tests can SIGKILL it.
 //! - [`db`]: database helpers for `#[sqlx::test]` pools.
 //! - [`effects`]: a countable handler effect and a producer for inbox tests.
+//! - [`stream`]: a keyed event stream and the check that it arrived in order.
 
 pub mod db;
 pub mod effects;
 mod kafka;
 mod process;
 mod reader;
+pub mod stream;
 
-pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker};
+pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions};
 pub use process::{
     CONSUMER_BIN_ENV, ChildProcess, RELAY_BIN_ENV, RelayProcess, consumer_binary, relay_binary,
 };
@@ -29,6 +31,7 @@ pub fn fast_relay_settings() -> consign_relay::RelaySettings {
         max_poll_interval: std::time::Duration::from_millis(50),
         retry_min_delay: std::time::Duration::from_millis(100),
         retry_max_delay: std::time::Duration::from_secs(1),
+        lease_ttl: std::time::Duration::from_secs(2),
         ..Default::default()
     }
 }
@@ -49,6 +52,7 @@ pub fn relay_config(
         ("max-poll-interval", "\"50ms\""),
         ("retry-min-delay", "\"100ms\""),
         ("retry-max-delay", "\"1s\""),
+        ("lease-ttl", "\"2s\""),
     ];
     for &(key, value) in relay {
         settings.retain(|(k, _)| *k != key);

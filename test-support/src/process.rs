@@ -159,13 +159,40 @@ impl ChildProcess {
         Ok(())
     }
 
+    /// Freezes the process with SIGSTOP (a long GC pause, a stalled VM).
+    ///
+    /// # Errors
+    /// If the signal cannot be sent.
+    pub fn pause(&self) -> Result<()> {
+        kill(self.pid()?, Signal::SIGSTOP)?;
+        Ok(())
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    ///
+    /// # Errors
+    /// If the signal cannot be sent.
+    pub fn resume(&self) -> Result<()> {
+        kill(self.pid()?, Signal::SIGCONT)?;
+        Ok(())
+    }
+
+    /// The process id.
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn pid(&self) -> Result<Pid> {
+        Ok(Pid::from_raw(i32::try_from(self.child.id())?))
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     ///
     /// # Errors
     /// If the relay does not exit in time (it is then killed).
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let pid = Pid::from_raw(i32::try_from(self.child.id())?);
-        kill(pid, Signal::SIGTERM)?;
+        kill(self.pid()?, Signal::SIGTERM)?;
         self.wait(timeout)
     }
 

@@ -1,0 +1,148 @@
+//! What the relays are doing: members, leases and the backlog per partition,
+//! as shown by `consign-relay status`.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::lease::{self, Lease, Member};
+
+/// The outbox backlog of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Outbox partition.
+    pub partition: i16,
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// `created_at` of the oldest waiting row.
+    pub oldest: Option<DateTime<Utc>>,
+    /// Rows whose last publish attempt failed (they carry `last_error`).
+    pub failed: i64,
+}
+
+/// A snapshot of the relays of one outbox.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// When the snapshot was taken (database clock).
+    pub now: DateTime<Utc>,
+    /// Live relays.
+    pub relays: Vec<Member>,
+    /// Every partition's lease.
+    pub leases: Vec<Lease>,
+    /// Partitions with waiting rows.
+    pub backlog: Vec<Backlog>,
+}
+
+/// Reads the relays, the leases and the backlog.
+///
+/// # Errors
+/// If a query fails (e.g. the migrations have not been applied).
+pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
+    let now = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let backlog = sqlx::query_as(
+        "SELECT partition, count(*) AS pending, min(created_at) AS oldest,
+                count(*) FILTER (WHERE last_error IS NOT NULL) AS failed
+         FROM consign_outbox GROUP BY partition ORDER BY partition",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(Status {
+        now,
+        relays: lease::members(pool).await?,
+        leases: lease::leases(pool).await?,
+        backlog,
+    })
+}
+
+impl Status {
+    /// How many live leases each relay holds, in relay order.
+    #[must_use]
+    pub fn partitions_per_relay(&self) -> Vec<(String, usize)> {
+        self.relays
+            .iter()
+            .map(|m| {
+                let held = self
+                    .leases
+                    .iter()
+                    .filter(|l| l.live && l.owner.as_deref() == Some(m.instance.as_str()))
+                    .count();
+                (m.instance.clone(), held)
+            })
+            .collect()
+    }
+
+    /// A human-readable report.
+    #[must_use]
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let per_relay = self.partitions_per_relay();
+        let _ = writeln!(out, "relays: {} live", self.relays.len());
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>8} {:>10} {:>11}",
+            "INSTANCE", "PID", "LEASES", "HEARTBEAT"
+        );
+        for (member, (_, held)) in self.relays.iter().zip(&per_relay) {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>8} {:>10} {:>11}",
+                member.instance,
+                member.pid,
+                held,
+                ago(self.now, member.heartbeat_at)
+            );
+        }
+        let unowned = self.leases.iter().filter(|l| !l.live).count();
+        let _ = writeln!(
+            out,
+            "\npartitions: {} leased, {unowned} free or expired",
+            self.leases.len() - unowned
+        );
+        let _ = writeln!(
+            out,
+            "  {:>4} {:<40} {:>6} {:>10} {:>8} {:>10} {:>7}",
+            "PART", "OWNER", "EPOCH", "EXPIRES", "PENDING", "OLDEST", "FAILED"
+        );
+        for lease in &self.leases {
+            let backlog = self.backlog.iter().find(|b| b.partition == lease.partition);
+            let owner = match (&lease.owner, lease.live) {
+                (Some(owner), true) => owner.clone(),
+                (Some(owner), false) => format!("({owner}, expired)"),
+                (None, _) => "-".into(),
+            };
+            let expires = match lease.expires_at {
+                Some(at) if lease.live => {
+                    format!("in {}s", (at - self.now).num_milliseconds().max(0) / 1000)
+                }
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:>4} {:<40} {:>6} {:>10} {:>8} {:>10} {:>7}",
+                lease.partition,
+                owner,
+                lease.epoch,
+                expires,
+                backlog.map_or(0, |b| b.pending),
+                backlog
+                    .and_then(|b| b.oldest)
+                    .map_or_else(|| "-".into(), |at| ago(self.now, at)),
+                backlog.map_or(0, |b| b.failed),
+            );
+        }
+        out
+    }
+}
+
+fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
+    let seconds = (now - then).num_seconds().max(0);
+    match seconds {
+        0..120 => format!("{seconds}s ago"),
+        120..7200 => format!("{}m ago", seconds / 60),
+        _ => format!("{}h ago", seconds / 3600),
+    }
+}

@@ -1,0 +1,104 @@
+//! A stream of keyed events written to the outbox, and the check that it
+//! reached a topic whole and in order per key.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use consign_outbox::{Message, Outbox};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::TopicReader;
+
+/// How to write a stream: `count` events over `keys` keys (round robin),
+/// `per_tx` per transaction, sleeping `pace` after each transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Stream {
+    count: usize,
+    keys: usize,
+    per_tx: usize,
+    pace: Duration,
+}
+
+impl Stream {
+    /// `count` events over `keys` keys, 10 per transaction, no pause.
+    #[must_use]
+    pub fn new(count: usize, keys: usize) -> Self {
+        Self {
+            count,
+            keys,
+            per_tx: 10,
+            pace: Duration::ZERO,
+        }
+    }
+
+    /// Events per transaction.
+    #[must_use]
+    pub fn per_tx(self, per_tx: usize) -> Self {
+        Self { per_tx, ..self }
+    }
+
+    /// Pause after each transaction.
+    #[must_use]
+    pub fn pace(self, pace: Duration) -> Self {
+        Self { pace, ..self }
+    }
+}
+
+/// Writes `stream` to `topic`; the payload is the event's number within its
+/// key (1, 2, 3, ...). Returns the ids in write order.
+///
+/// # Panics
+/// If the database refuses a write.
+pub async fn write_stream(pool: PgPool, topic: String, stream: Stream) -> Vec<Uuid> {
+    let outbox = Outbox::new();
+    let mut next: HashMap<String, u32> = HashMap::new();
+    let mut ids = Vec::with_capacity(stream.count);
+    while ids.len() < stream.count {
+        let msgs: Vec<Message> = (0..stream.per_tx.min(stream.count - ids.len()))
+            .map(|i| {
+                let key = format!("key-{}", (ids.len() + i) % stream.keys);
+                let n = next.entry(key.clone()).or_default();
+                *n += 1;
+                Message::new(&topic, "Streamed", n.to_string()).with_key(key)
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &msgs).await.unwrap();
+        tx.commit().await.unwrap();
+        ids.extend(msgs.iter().map(Message::id));
+        tokio::time::sleep(stream.pace).await;
+    }
+    ids
+}
+
+/// Asserts every id arrived and, per key, after dropping duplicates by id,
+/// the payloads read 1, 2, 3, ...
+///
+/// # Panics
+/// If an event is missing or a key's events are out of order.
+pub fn assert_complete_and_ordered(ids: &[Uuid], reader: &TopicReader) {
+    let mut seen = HashSet::new();
+    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for r in reader
+        .received()
+        .iter()
+        .filter(|r| seen.insert(r.id().unwrap()))
+    {
+        let n = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
+        per_key.entry(r.key.clone().unwrap()).or_default().push(n);
+    }
+    let missing = ids.iter().filter(|id| !seen.contains(id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} events never reached the topic",
+        ids.len()
+    );
+    for (key, ns) in per_key {
+        let expected: Vec<u32> = (1..=u32::try_from(ns.len()).unwrap()).collect();
+        assert_eq!(ns, expected, "events of {key} out of order");
+    }
+}
