@@ -5,10 +5,13 @@
 //! (b) relay throughput draining a backlog of 256-byte events, beside the raw
 //!     producer (same messages straight from memory) as the ceiling;
 //! (c) commit -> broker-ack latency at a steady 2 000 events/s with the
-//!     embedded relay, woken after commit and polling only.
+//!     embedded relay, woken after commit and polling only;
+//! (d) draining a backlog with 1, 2 and 3 relays sharing the outbox through
+//!     leases, with Kafka transactions off and on.
 //!
 //! Kafka is librdkafka's in-process mock cluster. Scale with
-//! `BENCH_BACKLOG` (default 200000) and `BENCH_SECONDS`
+//! `BENCH_BACKLOG` (default 200000), `BENCH_SCALE_BACKLOG` (default 100000
+//! per run of (d)) and `BENCH_SECONDS`
 //! (seconds per measured run, default 4 for (a) and 10 for (c)).
 
 use std::{
@@ -100,6 +103,7 @@ async fn run(options: PgConnectOptions) -> Result<()> {
     transactions(&pool).await?;
     drain(&pool).await?;
     latency(&pool).await?;
+    scale_out(&pool).await?;
     Ok(())
 }
 
@@ -259,22 +263,7 @@ async fn drain(pool: &PgPool) -> Result<()> {
         "(b) relay throughput: draining {backlog} events of {} bytes (1000 keys), mock cluster",
         payload.len()
     );
-    let outbox = Outbox::new();
-    let filled = Instant::now();
-    let mut written = 0;
-    while written < backlog {
-        let msgs: Vec<Message> = (written..(written + 5000).min(backlog))
-            .map(|i| {
-                Message::new(TOPIC, "Filler", payload.clone()).with_key(format!("key-{}", i % 1000))
-            })
-            .collect();
-        let mut tx = pool.begin().await?;
-        outbox.enqueue_batch(&mut *tx, &msgs).await?;
-        tx.commit().await?;
-        written += msgs.len() as u64;
-    }
-    let fill_rate = backlog as f64 / filled.elapsed().as_secs_f64();
-    pool.execute("ANALYZE consign_outbox").await?;
+    let fill_rate = fill_backlog(pool, backlog, &payload).await?;
 
     let cluster = mock_cluster()?;
     let published = Arc::new(AtomicU64::new(0));
@@ -314,6 +303,92 @@ async fn drain(pool: &PgPool) -> Result<()> {
     println!(
         "    relay / raw producer = {:.2}   (target: relay >= 20000 events/s)\n",
         relay_rate / raw_rate
+    );
+    Ok(())
+}
+
+/// Writes `backlog` events of `payload` over 1000 keys, 5000 per
+/// transaction. Returns events written per second.
+async fn fill_backlog(pool: &PgPool, backlog: u64, payload: &[u8]) -> Result<f64> {
+    let outbox = Outbox::new();
+    let filled = Instant::now();
+    let mut written = 0;
+    while written < backlog {
+        let msgs: Vec<Message> = (written..(written + 5000).min(backlog))
+            .map(|i| {
+                Message::new(TOPIC, "Filler", payload.to_vec())
+                    .with_key(format!("key-{}", i % 1000))
+            })
+            .collect();
+        let mut tx = pool.begin().await?;
+        outbox.enqueue_batch(&mut *tx, &msgs).await?;
+        tx.commit().await?;
+        written += msgs.len() as u64;
+    }
+    pool.execute("ANALYZE consign_outbox").await?;
+    Ok(backlog as f64 / filled.elapsed().as_secs_f64())
+}
+
+// ------------------------------------------------------------ (d) scale-out
+
+async fn scale_out(pool: &PgPool) -> Result<()> {
+    let backlog = env_number("BENCH_SCALE_BACKLOG", 100_000);
+    let payload = vec![b'x'; 256];
+    println!(
+        "(d) several relays on one outbox: draining {backlog} events of {} bytes (1000 keys) with 1, 2, 3 relays (in this process, each with its own producer and leases), transactions off and on",
+        payload.len()
+    );
+    println!(
+        "    {:<14} {:>8} {:>14} {:>10} {:>11}",
+        "transactions", "relays", "events/s", "batches", "duplicates"
+    );
+    for transactions in [false, true] {
+        for relays in 1..=3 {
+            fill_backlog(pool, backlog, &payload).await?;
+            let cluster = mock_cluster()?;
+            let published = Arc::new(AtomicU64::new(0));
+            let started = Instant::now();
+            let handles = (0..relays)
+                .map(|_| {
+                    let counter = Arc::clone(&published);
+                    Relay::builder(pool.clone())
+                        .kafka("bootstrap.servers", cluster.bootstrap_servers())
+                        .lease_ttl(Duration::from_secs(2))
+                        .transactions(transactions)
+                        .on_published(move |ids| {
+                            counter.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                        })
+                        .build()
+                        .map(Relay::spawn)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            loop {
+                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
+                    .fetch_one(pool)
+                    .await?;
+                if left == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let elapsed = started.elapsed();
+            let batches: u64 = handles.iter().map(|h| h.stats().batches).sum();
+            for handle in handles {
+                handle.shutdown().await?;
+            }
+            let sent = published.load(Ordering::Relaxed);
+            println!(
+                "    {:<14} {:>8} {:>14.0} {:>10} {:>11}",
+                if transactions { "on" } else { "off" },
+                relays,
+                backlog as f64 / elapsed.as_secs_f64(),
+                batches,
+                sent.saturating_sub(backlog)
+            );
+        }
+    }
+    println!(
+        "    (one machine: the relays share its CPUs, the database and one mock broker; more relays add\n     failover and spread load across hosts, not throughput on a 2-core box)\n"
     );
     Ok(())
 }
