@@ -23,11 +23,7 @@ fn relay(pool: &PgPool, broker: &TestBroker) -> consign::relay::RelayBuilder {
 }
 
 async fn drained(pool: &PgPool) {
-    eventually("the outbox to drain", WAIT, || async {
-        Ok((db::outbox_len(pool).await? == 0).then_some(()))
-    })
-    .await
-    .unwrap();
+    db::wait_drained(pool, WAIT).await.unwrap();
 }
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use consign_test_support::{
-    RelayProcess, TestBroker, TopicReader, db, eventually, relay_config,
+    RelayProcess, TestBroker, TopicReader, db, relay_config,
     stream::{Stream, assert_complete_and_ordered, write_stream},
     unique_topic,
 };
@@ -62,11 +62,7 @@ async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool) 
     );
     let ids = writer.await.unwrap();
     reader.read_distinct(EVENTS, WAIT).await.unwrap();
-    eventually("the outbox to drain", WAIT, || async {
-        Ok((db::outbox_len(&pool).await? == 0).then_some(()))
-    })
-    .await
-    .unwrap();
+    db::wait_drained(&pool, WAIT).await.unwrap();
     reader.read_to_end(WAIT).await.unwrap();
     println!(
         "{} events delivered after {kills} SIGKILLs; {} duplicates on the topic",

@@ -137,11 +137,7 @@ async fn three_relays_with_a_kill_and_a_join_deliver_50k_events_in_key_order(poo
 
     let ids = writer.await.unwrap();
     reader.read_distinct(EVENTS, WAIT).await.unwrap();
-    eventually("the outbox to drain", WAIT, || async {
-        Ok((db::outbox_len(&pool).await? == 0).then_some(()))
-    })
-    .await
-    .unwrap();
+    db::wait_drained(&pool, WAIT).await.unwrap();
     reader.read_to_end(WAIT).await.unwrap();
     let after = status(&pool).await.unwrap();
     let still_orphaned: Vec<_> = after
@@ -310,11 +306,7 @@ async fn transactions_mode_read_committed_sees_each_batch_whole_or_not_at_all(po
     }
     let mut committed = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     committed.read_distinct(ids.len(), WAIT).await.unwrap();
-    eventually("the outbox to drain", WAIT, || async {
-        Ok((db::outbox_len(&pool).await? == 0).then_some(()))
-    })
-    .await
-    .unwrap();
+    db::wait_drained(&pool, WAIT).await.unwrap();
     committed.read_to_end(WAIT).await.unwrap();
     assert_complete_and_ordered(&ids, &committed);
     if support == Transactions::NotIsolated {
@@ -385,11 +377,7 @@ async fn transactions_mode_zombie_relay_is_fenced_and_order_holds(pool: PgPool) 
     let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     let successor = RelayProcess::start(&config).unwrap();
     reader.read_distinct(ids.len(), WAIT).await.unwrap();
-    eventually("the successor to drain the outbox", WAIT, || async {
-        Ok((db::outbox_len(&pool).await? == 0).then_some(()))
-    })
-    .await
-    .unwrap();
+    db::wait_drained(&pool, WAIT).await.unwrap();
     zombie.resume().unwrap();
     // Two defenses: a broker with Kafka's fencing refuses the zombie's
     // commit (its transactional ids were initialized by the successor); the

@@ -19,6 +19,17 @@ pub async fn outbox_len(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+/// Waits until the outbox is empty, for at most `timeout`.
+///
+/// # Errors
+/// On a database error, or if rows are still there after `timeout`.
+pub async fn wait_drained(pool: &PgPool, timeout: std::time::Duration) -> Result<()> {
+    crate::eventually("the outbox to drain", timeout, || async {
+        Ok((outbox_len(pool).await? == 0).then_some(()))
+    })
+    .await
+}
+
 /// Terminates every session of this database whose `application_name` is
 /// `application`, as an operator or a failover would. Returns how many.
 ///
