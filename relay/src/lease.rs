@@ -142,6 +142,10 @@ struct State {
     owned: Owned,
     valid_until: Option<Instant>,
     release: BTreeSet<i16>,
+    /// Leases this relay gave up, kept until a renewal no longer returns
+    /// them: a renewal that ran just before the release must not bring
+    /// them back.
+    released: BTreeSet<(i16, i64)>,
 }
 
 impl Ownership {
@@ -175,6 +179,16 @@ impl Ownership {
         for p in partitions {
             state.owned.remove(p);
             state.release.remove(p);
+        }
+    }
+
+    /// Forgets leases this relay has just released in the database.
+    pub(crate) fn released(&self, leases: &[(i16, i64)]) {
+        let mut state = self.lock();
+        for &(p, epoch) in leases {
+            state.owned.remove(&p);
+            state.release.remove(&p);
+            state.released.insert((p, epoch));
         }
     }
 
@@ -285,11 +299,24 @@ impl Coordinator {
     }
 
     /// Takes the database's answer as the truth about what this relay
-    /// holds; logs partitions that were taken over. Returns how many are
-    /// held, not counting those being released.
+    /// holds, except for leases released since the renewal ran; logs
+    /// partitions that were taken over. Returns how many are held, not
+    /// counting those being released.
     fn apply_renewal(&self, renewed: &[(i16, i64)], started: Instant) -> usize {
-        let renewed: Owned = renewed.iter().copied().collect();
         let mut state = self.ownership.lock();
+        let stale = std::mem::take(&mut state.released);
+        // A released lease the renewal still returned: it ran before the
+        // release. Keep remembering it until a renewal no longer returns it.
+        state.released = renewed
+            .iter()
+            .filter(|lease| stale.contains(lease))
+            .copied()
+            .collect();
+        let renewed: Owned = renewed
+            .iter()
+            .filter(|lease| !stale.contains(lease))
+            .copied()
+            .collect();
         let lost: Vec<i16> = state
             .owned
             .iter()
@@ -416,5 +443,28 @@ mod tests {
             let (min, max) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
             assert!(max - min <= 1, "{n}: {shares:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_ran_before_a_release_does_not_bring_the_lease_back() {
+        let pool = PgPool::connect_lazy("postgres://unused@127.0.0.1:1/none").unwrap();
+        let ownership = Arc::new(Ownership::default());
+        let coordinator = Coordinator::new(
+            pool,
+            "me".into(),
+            "host".into(),
+            Duration::from_secs(10),
+            Arc::clone(&ownership),
+        );
+        let now = Instant::now();
+        assert_eq!(coordinator.apply_renewal(&[(5, 3), (6, 1)], now), 2);
+        // The publishing loop releases 5 while a renewal that still saw
+        // it as ours is on its way back.
+        ownership.released(&[(5, 3)]);
+        assert_eq!(coordinator.apply_renewal(&[(5, 3), (6, 1)], now), 1);
+        assert_eq!(ownership.current(), Owned::from([(6, 1)]));
+        // Re-acquired later under a new epoch: that one counts.
+        assert_eq!(coordinator.apply_renewal(&[(5, 4), (6, 1)], now), 2);
+        assert!(ownership.lock().released.is_empty());
     }
 }

@@ -279,8 +279,8 @@ impl Relay {
             return Ok(());
         }
         lease::release(&self.pool, &self.instance, &surplus).await?;
+        self.ownership.released(&surplus);
         let partitions: Vec<i16> = surplus.iter().map(|(p, _)| *p).collect();
-        self.ownership.forget(&partitions);
         info!(?partitions, "released surplus partitions");
         Ok(())
     }
