@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::{Config, Relay, Result};
+use crate::{Config, Relay, Result, config::Profile};
 
 /// consign-relay: publishes committed outbox rows to Kafka.
 #[derive(Debug, Parser)]
@@ -16,6 +16,11 @@ pub struct Cli {
     /// CONSIGN_<SECTION>__<FIELD> and DATABASE_URL override it.
     #[arg(long, short, env = "CONSIGN_CONFIG", global = true)]
     config: Option<PathBuf>,
+
+    /// Defaults to start from: development, testing or production. Overrides
+    /// `profile` in the file and CONSIGN_PROFILE. Default: production.
+    #[arg(long, global = true, value_parser = clap::value_parser!(Profile))]
+    profile: Option<Profile>,
 
     #[command(subcommand)]
     command: Command,
@@ -31,6 +36,22 @@ enum Command {
     /// backlog per partition.
     Status {
         /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or print the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (file, environment, profile) without
+    /// connecting; exit 1 with the field and the allowed values if invalid.
+    Check,
+    /// Print the effective configuration, secrets redacted.
+    Show {
+        /// Print JSON instead of TOML.
         #[arg(long)]
         json: bool,
     },
@@ -59,11 +80,25 @@ pub fn main() -> ExitCode {
 }
 
 async fn execute(cli: Cli) -> Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+    let config = Config::load(cli.config.as_deref(), cli.profile)?;
     match cli.command {
         Command::Run => run(config).await,
         Command::Migrate => migrate(&config).await,
         Command::Status { json } => status(&config, json).await,
+        Command::Config(ConfigCommand::Check) => {
+            config.validate()?;
+            println!("configuration is valid (profile {})", config.profile);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Show { json }) => {
+            if json {
+                let text = serde_json::to_string_pretty(&config.redacted());
+                println!("{}", text.expect("the configuration serializes to JSON"));
+            } else {
+                print!("{}", config.to_redacted_toml());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -1,13 +1,18 @@
 //! Configuration: the `[relay]` settings shared by the library builder and the
 //! binary, plus the binary's file format (`[database]`, `[relay]`, `[kafka]`).
 //!
-//! The binary reads, in increasing priority: built-in defaults, the TOML file
-//! given with `--config` (or `CONSIGN_CONFIG`), `DATABASE_URL`, and
-//! `CONSIGN_<SECTION>__<FIELD>` environment variables
+//! The binary reads, in increasing priority: the defaults of the selected
+//! [`Profile`], the TOML file given with `--config` (or `CONSIGN_CONFIG`),
+//! `DATABASE_URL`, and `CONSIGN_<SECTION>__<FIELD>` environment variables
 //! (`CONSIGN_RELAY__BATCH_SIZE=500`, `CONSIGN_KAFKA__BOOTSTRAP_SERVERS=host:9092`;
 //! in the `kafka` section `_` stands for `.`). See `reference.toml`.
+//!
+//! Secrets (the database password, `sasl.password` and the other
+//! [sensitive Kafka properties](is_secret_kafka_property)) never appear in
+//! `Debug` output or in [`Config::redacted`], which is what
+//! `consign-relay config show` prints.
 
-use std::{collections::BTreeMap, path::Path, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
 
 use figment::{
     Figment,
@@ -65,23 +70,110 @@ pub struct RelaySettings {
     pub transactional_id_prefix: Option<String>,
 }
 
-impl Default for RelaySettings {
-    fn default() -> Self {
-        Self {
-            batch_size: 1000,
-            poll_interval: Duration::from_millis(10),
-            max_poll_interval: Duration::from_millis(500),
-            retry_min_delay: Duration::from_secs(1),
-            retry_max_delay: Duration::from_secs(60),
-            shutdown_timeout: Duration::from_secs(10),
-            lease_ttl: Duration::from_secs(10),
-            transactions: false,
-            transactional_id_prefix: None,
+/// A set of defaults. The file and the environment override single fields.
+///
+/// | field | development | testing | production |
+/// |---|---|---|---|
+/// | `relay.batch-size` | 100 | 100 | 1000 |
+/// | `relay.poll-interval` | 10ms | 5ms | 10ms |
+/// | `relay.max-poll-interval` | 200ms | 50ms | 500ms |
+/// | `relay.retry-min-delay` | 200ms | 100ms | 1s |
+/// | `relay.retry-max-delay` | 5s | 1s | 60s |
+/// | `relay.shutdown-timeout` | 2s | 2s | 10s |
+/// | `relay.lease-ttl` | 3s | 2s | 10s |
+/// | `database.max-connections` | 2 | 2 | 4 |
+/// | `database.acquire-timeout` | 3s | 2s | 10s |
+/// | `admin.enabled` | true | false | true |
+/// | `admin.listen` | 127.0.0.1:9464 | 127.0.0.1:0 | 0.0.0.0:9464 |
+/// | `admin.sample-interval` | 1s | 500ms | 5s |
+///
+/// Development: quick feedback on one laptop. Testing: fast retries and
+/// failover, no fixed port (several relays per host). Production: larger
+/// batches, patient retries, longer leases, metrics on every interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Defaults for a developer's machine.
+    Development,
+    /// Defaults for test suites: fast retries and lease expiry, no metrics port.
+    Testing,
+    /// Defaults for production (the default profile).
+    #[default]
+    Production,
+}
+
+impl FromStr for Profile {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "development" => Ok(Self::Development),
+            "testing" => Ok(Self::Testing),
+            "production" => Ok(Self::Production),
+            other => Err(Error::config(
+                "profile",
+                format!("unknown profile {other:?}; allowed: development, testing, production"),
+            )),
         }
     }
 }
 
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Development => "development",
+            Self::Testing => "testing",
+            Self::Production => "production",
+        })
+    }
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self::for_profile(Profile::default())
+    }
+}
+
 impl RelaySettings {
+    /// The defaults of `profile` (see [`Profile`]).
+    #[must_use]
+    pub fn for_profile(profile: Profile) -> Self {
+        let ms = Duration::from_millis;
+        let production = Self {
+            batch_size: 1000,
+            poll_interval: ms(10),
+            max_poll_interval: ms(500),
+            retry_min_delay: ms(1000),
+            retry_max_delay: ms(60_000),
+            shutdown_timeout: ms(10_000),
+            lease_ttl: ms(10_000),
+            transactions: false,
+            transactional_id_prefix: None,
+        };
+        match profile {
+            Profile::Production => production,
+            Profile::Development => Self {
+                batch_size: 100,
+                max_poll_interval: ms(200),
+                retry_min_delay: ms(200),
+                retry_max_delay: ms(5000),
+                shutdown_timeout: ms(2000),
+                lease_ttl: ms(3000),
+                ..production
+            },
+            Profile::Testing => Self {
+                batch_size: 100,
+                poll_interval: ms(5),
+                max_poll_interval: ms(50),
+                retry_min_delay: ms(100),
+                retry_max_delay: ms(1000),
+                shutdown_timeout: ms(2000),
+                lease_ttl: ms(2000),
+                ..production
+            },
+        }
+    }
+
     /// Checks ranges and relations between fields. Errors name the field as
     /// written in the file (`relay.batch-size`).
     ///
@@ -161,8 +253,10 @@ fn in_range(field: &str, value: Duration, min: Duration, max: Duration) -> Resul
     Ok(())
 }
 
-/// The `[database]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The `[database]` section. TLS and other connection parameters go in the
+/// URL as libpq spells them (`?sslmode=verify-full&sslrootcert=/ca.pem`,
+/// `sslcert`, `sslkey`); `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// PostgreSQL URL. Required; `DATABASE_URL` is used if set.
@@ -180,16 +274,38 @@ pub struct DatabaseSettings {
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        Self {
-            url: String::new(),
-            max_connections: 4,
-            acquire_timeout: Duration::from_secs(10),
-            application_name: "consign-relay".into(),
-        }
+        Self::for_profile(Profile::default())
+    }
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("application_name", &self.application_name)
+            .finish()
     }
 }
 
 impl DatabaseSettings {
+    /// The defaults of `profile` (see [`Profile`]); the URL is empty.
+    #[must_use]
+    pub fn for_profile(profile: Profile) -> Self {
+        let (max_connections, acquire_timeout) = match profile {
+            Profile::Development => (2, Duration::from_secs(3)),
+            Profile::Testing => (2, Duration::from_secs(2)),
+            Profile::Production => (4, Duration::from_secs(10)),
+        };
+        Self {
+            url: String::new(),
+            max_connections,
+            acquire_timeout,
+            application_name: "consign-relay".into(),
+        }
+    }
+
     /// Checks the URL and the pool size.
     ///
     /// # Errors
@@ -264,30 +380,157 @@ impl std::fmt::Display for KafkaValue {
     }
 }
 
-/// The relay binary's whole configuration.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// The `[admin]` section: the HTTP endpoint serving `/metrics` (Prometheus
+/// text) and `/health` (`/health/live`, `/health/ready`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Serve the endpoint. Default true, except in the testing profile.
+    pub enabled: bool,
+    /// Address to listen on. Default `0.0.0.0:9464` (production),
+    /// `127.0.0.1:9464` (development); port 0 picks a free port, which the
+    /// relay logs.
+    pub listen: SocketAddr,
+    /// How often the backlog gauges (pending rows, oldest age, rows with
+    /// errors) and readiness are refreshed from PostgreSQL and Kafka.
+    /// Default 5 s; 100 ms to 10 min.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self::for_profile(Profile::default())
+    }
+}
+
+impl AdminSettings {
+    /// The defaults of `profile` (see [`Profile`]).
+    #[must_use]
+    pub fn for_profile(profile: Profile) -> Self {
+        let (enabled, listen, sample_ms) = match profile {
+            Profile::Development => (true, ([127, 0, 0, 1], 9464), 1000),
+            Profile::Testing => (false, ([127, 0, 0, 1], 0), 500),
+            Profile::Production => (true, ([0, 0, 0, 0], 9464), 5000),
+        };
+        Self {
+            enabled,
+            listen: SocketAddr::from(listen),
+            sample_interval: Duration::from_millis(sample_ms),
+        }
+    }
+
+    /// Checks the sampling interval.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `admin.sample-interval`.
+    pub fn validate(&self) -> Result<()> {
+        in_range(
+            "admin.sample-interval",
+            self.sample_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )
+    }
+}
+
+/// The relay binary's whole configuration. `Debug` hides secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
+    /// Which defaults apply: `development`, `testing` or `production`
+    /// (default). Set with `profile = "..."`, `CONSIGN_PROFILE` or
+    /// `--profile`.
+    pub profile: Profile,
     /// `[database]`: where the outbox lives.
     pub database: DatabaseSettings,
     /// `[relay]`: batching, polling, retries, shutdown.
     pub relay: RelaySettings,
     /// `[kafka]`: librdkafka producer properties, passed through as they
     /// are (`"bootstrap.servers" = "host:9092"`). They override consign's
-    /// producer defaults.
+    /// producer defaults. TLS and SASL settings (`security.protocol`,
+    /// `ssl.ca.location`, `sasl.mechanisms`, `sasl.username`,
+    /// `sasl.password`, ...) pass through here.
     pub kafka: BTreeMap<String, KafkaValue>,
+    /// `[admin]`: the `/metrics` and `/health` endpoint.
+    pub admin: AdminSettings,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Self::for_profile(Profile::default())
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = self.redacted();
+        f.debug_struct("Config")
+            .field("profile", &redacted.profile)
+            .field("database", &redacted.database)
+            .field("relay", &redacted.relay)
+            .field("kafka", &redacted.kafka)
+            .field("admin", &redacted.admin)
+            .finish()
+    }
+}
+
+/// What replaces a secret in printed configuration.
+pub const REDACTED: &str = "REDACTED";
+
 impl Config {
-    /// Reads defaults, then `file`, then the environment. Does not
-    /// validate: each command checks what it needs ([`Config::validate`],
+    /// The defaults of `profile`, with no database URL or brokers.
+    #[must_use]
+    pub fn for_profile(profile: Profile) -> Self {
+        Self {
+            profile,
+            database: DatabaseSettings::for_profile(profile),
+            relay: RelaySettings::for_profile(profile),
+            kafka: BTreeMap::new(),
+            admin: AdminSettings::for_profile(profile),
+        }
+    }
+
+    /// Reads the profile's defaults, then `file`, then the environment. The
+    /// profile is `profile` if given, else the one named in the file or
+    /// `CONSIGN_PROFILE`, else production. Does not validate: each command
+    /// checks what it needs ([`Config::validate`],
     /// [`DatabaseSettings::validate`]).
     ///
     /// # Errors
     /// [`Error::ConfigSource`] if the file is missing or unreadable,
-    /// [`Error::Config`] naming a field of the wrong type or an unknown field.
-    pub fn load(file: Option<&Path>) -> Result<Self> {
-        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+    /// [`Error::Config`] naming a field of the wrong type, an unknown field
+    /// or an unknown profile.
+    pub fn load(file: Option<&Path>, profile: Option<Profile>) -> Result<Self> {
+        Self::load_from(Self::sources(file, true)?, profile)
+    }
+
+    fn load_from(sources: Figment, profile: Option<Profile>) -> Result<Self> {
+        let profile = match profile {
+            Some(profile) => profile,
+            None => match sources.find_value("profile") {
+                Ok(value) => match value.as_str() {
+                    Some(name) => name.parse()?,
+                    None => {
+                        return Err(Error::config(
+                            "profile",
+                            "must be a string: development, testing or production",
+                        ));
+                    }
+                },
+                Err(_) => Profile::default(),
+            },
+        };
+        Figment::from(Serialized::defaults(Self::for_profile(profile)))
+            .merge(sources)
+            .merge(Serialized::default("profile", profile))
+            .extract()
+            .map_err(|e| figment_error(&e))
+    }
+
+    /// The file and (if `env`) the environment, without defaults.
+    fn sources(file: Option<&Path>, env: bool) -> Result<Figment> {
+        let mut figment = Figment::new();
         if let Some(file) = file {
             if !file.is_file() {
                 return Err(Error::ConfigSource(format!(
@@ -297,7 +540,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        let config: Self = figment
+        if !env {
+            return Ok(figment);
+        }
+        Ok(figment
             .merge(
                 Env::raw()
                     .only(&["DATABASE_URL"])
@@ -308,10 +554,7 @@ impl Config {
                     .filter(|key| key.as_str() != "config")
                     .split("__")
                     .map(|key| env_key(key.as_str()).into()),
-            )
-            .extract()
-            .map_err(|e| figment_error(&e))?;
-        Ok(config)
+            ))
     }
 
     /// Checks every section.
@@ -321,6 +564,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.database.validate()?;
         self.relay.validate()?;
+        self.admin.validate()?;
         match self.kafka.get("bootstrap.servers") {
             Some(servers) if !servers.to_string().trim().is_empty() => Ok(()),
             _ => Err(Error::config(
@@ -328,6 +572,27 @@ impl Config {
                 "required: the brokers to connect to, e.g. \"localhost:9092\"",
             )),
         }
+    }
+
+    /// A copy with every secret replaced by [`REDACTED`]: the password of
+    /// `database.url` (and `password`/`sslpassword` URL parameters) and the
+    /// sensitive Kafka properties. Safe to print or log.
+    #[must_use]
+    pub fn redacted(&self) -> Self {
+        let mut copy = self.clone();
+        copy.database.url = redact_url(&self.database.url);
+        for (key, value) in &mut copy.kafka {
+            if is_secret_kafka_property(key) {
+                *value = KafkaValue::String(REDACTED.into());
+            }
+        }
+        copy
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    #[must_use]
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(&self.redacted()).expect("the configuration serializes to TOML")
     }
 
     /// The `[kafka]` table as plain strings.
@@ -338,6 +603,55 @@ impl Config {
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect()
     }
+}
+
+/// Whether a librdkafka property holds a secret: passwords, client
+/// secrets, private keys, JAAS and OAUTHBEARER configuration.
+#[must_use]
+pub fn is_secret_kafka_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key == "ssl.key.pem"
+        || key == "sasl.jaas.config"
+        || key == "sasl.oauthbearer.config"
+}
+
+/// `url` with its password and `password`/`sslpassword` parameters replaced
+/// by [`REDACTED`]. Text that is not a URL is redacted whole if it has an
+/// `@` (it might hold credentials).
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let parsed = url::Url::parse(url).ok().filter(|u| !u.cannot_be_a_base());
+    let Some(mut parsed) = parsed else {
+        return if url.contains('@') {
+            REDACTED.into()
+        } else {
+            url.into()
+        };
+    };
+    if parsed.password().is_some() {
+        // Only fails for URLs that cannot have credentials.
+        let _ = parsed.set_password(Some(REDACTED));
+    }
+    let secret = |name: &str| {
+        name.eq_ignore_ascii_case("password") || name.eq_ignore_ascii_case("sslpassword")
+    };
+    if parsed.query_pairs().any(|(name, _)| secret(&name)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if secret(&name) {
+                    REDACTED.into()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// `relay.batch_size` -> `relay.batch-size`; `kafka.bootstrap_servers` ->
@@ -386,29 +700,263 @@ mod tests {
         Figment::from(Toml::string(text)).extract().unwrap()
     }
 
+    const VALID: &str = r#"
+[database]
+url = "postgres://postgres@127.0.0.1:5432/test"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+"#;
+
+    /// Loads `VALID` with `change` applied (a line replacing or adding a
+    /// key in a section) and validates it.
+    fn load_with(section: &str, line: &str) -> Result<Config> {
+        let mut text = VALID.to_owned();
+        if section.is_empty() {
+            text = format!("{line}\n{text}");
+        } else if let Some(at) = text.find(&format!("[{section}]\n")) {
+            let at = at + section.len() + 3;
+            let key = line.split('=').next().unwrap_or_default().trim();
+            // Drop the valid line for the same key, if any.
+            let rest: String = text[at..]
+                .lines()
+                .filter(|l| l.split('=').next().unwrap_or_default().trim() != key)
+                .map(|l| format!("{l}\n"))
+                .collect();
+            text = format!("{}{line}\n{rest}", &text[..at]);
+        } else {
+            text = format!("{text}[{section}]\n{line}\n");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("consign.toml");
+        std::fs::write(&file, &text).unwrap();
+        // Without the environment: the test command exports DATABASE_URL.
+        let config = Config::load_from(Config::sources(Some(&file), false)?, None)?;
+        config.validate()?;
+        Ok(config)
+    }
+
     #[test]
-    fn out_of_range_fields_are_named() {
-        type Breaks = fn(&mut RelaySettings);
-        let cases: [(&str, Breaks); 4] = [
-            ("relay.batch-size", |s| s.batch_size = 0),
-            ("relay.max-poll-interval", |s| {
-                s.max_poll_interval = Duration::from_millis(1);
-            }),
-            ("relay.retry-max-delay", |s| {
-                s.retry_max_delay = Duration::from_millis(10);
-            }),
-            ("relay.lease-ttl", |s| {
-                s.lease_ttl = Duration::from_millis(100);
-            }),
+    fn every_bad_field_gives_an_error_naming_it() {
+        let cases = [
+            (
+                "",
+                r#"profile = "staging""#,
+                "profile",
+                "development, testing, production",
+            ),
+            ("", "profile = 3", "profile", "must be a string"),
+            ("", "unknown = 1", "unknown", "unknown field"),
+            ("database", r#"url = """#, "database.url", "required"),
+            (
+                "database",
+                r#"url = "mysql://x/y""#,
+                "database.url",
+                "postgres://",
+            ),
+            (
+                "database",
+                r#"url = "postgres://h:notaport/db""#,
+                "database.url",
+                "not a valid",
+            ),
+            (
+                "database",
+                "max-connections = 0",
+                "database.max-connections",
+                "between 1 and 100",
+            ),
+            (
+                "database",
+                "max-connections = -1",
+                "database.max-connections",
+                "invalid value",
+            ),
+            (
+                "database",
+                r#"acquire-timeout = "1ms""#,
+                "database.acquire-timeout",
+                "between 10ms",
+            ),
+            (
+                "database",
+                r#"acquire-timeout = "soon""#,
+                "database.acquire-timeout",
+                "",
+            ),
+            (
+                "database",
+                "application-name = 5",
+                "database.application-name",
+                "invalid type",
+            ),
+            ("database", "port = 5432", "database.port", "unknown field"),
+            (
+                "relay",
+                "batch-size = 0",
+                "relay.batch-size",
+                "between 1 and 100000",
+            ),
+            (
+                "relay",
+                r#"batch-size = "many""#,
+                "relay.batch-size",
+                "invalid type",
+            ),
+            (
+                "relay",
+                r#"poll-interval = "0s""#,
+                "relay.poll-interval",
+                "between 1ms and 1m",
+            ),
+            (
+                "relay",
+                r#"max-poll-interval = "1ms""#,
+                "relay.max-poll-interval",
+                "at least relay.poll-interval",
+            ),
+            (
+                "relay",
+                r#"retry-min-delay = "2h""#,
+                "relay.retry-min-delay",
+                "between 1ms and 1h",
+            ),
+            (
+                "relay",
+                r#"retry-max-delay = "10ms""#,
+                "relay.retry-max-delay",
+                "at least relay.retry-min-delay",
+            ),
+            (
+                "relay",
+                r#"shutdown-timeout = "11m""#,
+                "relay.shutdown-timeout",
+                "between 0s and 10m",
+            ),
+            (
+                "relay",
+                r#"lease-ttl = "100ms""#,
+                "relay.lease-ttl",
+                "between 1s and 10m",
+            ),
+            (
+                "relay",
+                r#"transactions = "yes""#,
+                "relay.transactions",
+                "invalid type",
+            ),
+            (
+                "relay",
+                r#"transactional-id-prefix = "a b""#,
+                "relay.transactional-id-prefix",
+                "a-z, A-Z, 0-9",
+            ),
+            (
+                "relay",
+                "partitions = [0]",
+                "relay.partitions",
+                "unknown field",
+            ),
+            (
+                "kafka",
+                r#""bootstrap.servers" = """#,
+                "kafka.bootstrap.servers",
+                "required",
+            ),
+            ("kafka", r#""linger.ms" = [1]"#, "kafka.linger.ms", ""),
+            (
+                "admin",
+                r#"listen = "localhost""#,
+                "admin.listen",
+                "invalid",
+            ),
+            (
+                "admin",
+                r#"sample-interval = "1ms""#,
+                "admin.sample-interval",
+                "between 100ms and 10m",
+            ),
+            (
+                "admin",
+                r#"enabled = "on""#,
+                "admin.enabled",
+                "invalid type",
+            ),
         ];
-        for (field, breaks) in cases {
-            let mut settings = RelaySettings::default();
-            breaks(&mut settings);
-            match settings.validate() {
-                Err(Error::Config { field: named, .. }) => assert_eq!(named, field),
-                other => panic!("{field}: {other:?}"),
+        let named: std::collections::HashSet<&str> = cases.iter().map(|c| c.2).collect();
+        let reference: toml::Table = toml::from_str(include_str!("../reference.toml")).unwrap();
+        for (key, value) in &reference {
+            let keys: Vec<String> = match value.as_table() {
+                Some(table) => table.keys().map(|k| format!("{key}.{k}")).collect(),
+                None => vec![key.clone()],
+            };
+            for key in keys {
+                assert!(named.contains(key.as_str()), "no bad-value case for {key}");
             }
         }
+        for (section, line, field, allowed) in cases {
+            match load_with(section, line) {
+                Err(Error::Config {
+                    field: named,
+                    message,
+                }) => {
+                    assert_eq!(named, field, "{line}: {message}");
+                    assert!(
+                        message.contains(allowed),
+                        "{line}: {message:?} lacks {allowed:?}"
+                    );
+                }
+                other => panic!("{line}: expected an error naming {field}, got {other:?}"),
+            }
+        }
+        load_with("", "").unwrap();
+    }
+
+    #[test]
+    fn profiles_change_defaults_and_the_file_still_wins() {
+        let testing = load_with("", r#"profile = "testing""#).unwrap();
+        assert_eq!(testing.relay, RelaySettings::for_profile(Profile::Testing));
+        assert!(!testing.admin.enabled);
+        let production = load_with("relay", "batch-size = 7").unwrap();
+        assert_eq!(production.profile, Profile::Production);
+        assert_eq!(production.relay.batch_size, 7);
+        assert_eq!(production.relay.lease_ttl, Duration::from_secs(10));
+        let dev = load_with("", r#"profile = "development""#).unwrap();
+        assert_eq!(dev.database.max_connections, 2);
+        assert_eq!(dev.admin.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_and_printed_config() {
+        let mut config = Config::for_profile(Profile::Production);
+        config.database.url =
+            "postgres://app:pg-secret-1@db:5432/app?sslmode=verify-full&sslpassword=pg-secret-2"
+                .into();
+        for (key, value) in [
+            ("sasl.password", "kafka-secret-1"),
+            ("ssl.key.password", "kafka-secret-2"),
+            ("sasl.oauthbearer.client.secret", "kafka-secret-3"),
+            ("ssl.key.pem", "kafka-secret-4"),
+            ("sasl.username", "app"),
+        ] {
+            config
+                .kafka
+                .insert(key.into(), KafkaValue::String(value.into()));
+        }
+        let printed = [
+            format!("{config:?}"),
+            config.to_redacted_toml(),
+            serde_json::to_string(&config.redacted()).unwrap(),
+        ];
+        for text in printed {
+            assert!(!text.contains("secret-"), "{text}");
+            assert!(text.contains("sslmode=verify-full"), "{text}");
+            assert!(text.contains("\"sasl.username\""), "{text}");
+        }
+        assert_eq!(
+            redact_url("postgres:///db?host=/run/pg"),
+            "postgres:///db?host=/run/pg"
+        );
+        assert_eq!(redact_url("user:pw@host"), REDACTED);
     }
 
     #[test]

@@ -63,7 +63,7 @@ mod store;
 mod txn;
 
 pub use builder::{PRODUCER_DEFAULTS, RelayBuilder};
-pub use config::{Config, RelaySettings};
+pub use config::{Config, Profile, RelaySettings};
 pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};
 pub use publish::{HEADER_EVENT_TYPE, HEADER_ID};

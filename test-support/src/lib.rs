@@ -23,16 +23,13 @@ pub use process::{
 };
 pub use reader::{Received, TopicReader};
 
-/// Relay settings for tests: short polls and retries so failures heal fast.
+/// Relay settings for tests: the testing profile (short polls, retries and
+/// leases, so failures heal fast) with production's batch size.
 #[must_use]
 pub fn fast_relay_settings() -> consign_relay::RelaySettings {
     consign_relay::RelaySettings {
-        poll_interval: std::time::Duration::from_millis(5),
-        max_poll_interval: std::time::Duration::from_millis(50),
-        retry_min_delay: std::time::Duration::from_millis(100),
-        retry_max_delay: std::time::Duration::from_secs(1),
-        lease_ttl: std::time::Duration::from_secs(2),
-        ..Default::default()
+        batch_size: 1000,
+        ..consign_relay::RelaySettings::for_profile(consign_relay::Profile::Testing)
     }
 }
 
@@ -47,18 +44,15 @@ pub fn relay_config(
     kafka: &[(&str, &str)],
 ) -> String {
     use std::fmt::Write;
-    let mut settings = vec![
-        ("poll-interval", "\"5ms\""),
-        ("max-poll-interval", "\"50ms\""),
-        ("retry-min-delay", "\"100ms\""),
-        ("retry-max-delay", "\"1s\""),
-        ("lease-ttl", "\"2s\""),
-    ];
+    // The testing profile (no admin port: several relays run on one host),
+    // with production's batch size.
+    let mut settings = vec![("batch-size", "1000")];
     for &(key, value) in relay {
         settings.retain(|(k, _)| *k != key);
         settings.push((key, value));
     }
-    let mut toml = format!("[database]\nurl = {database_url:?}\n\n[relay]\n");
+    let mut toml =
+        format!("profile = \"testing\"\n\n[database]\nurl = {database_url:?}\n\n[relay]\n");
     for (key, value) in settings {
         let _ = writeln!(toml, "{key} = {value}");
     }
