@@ -1,14 +1,19 @@
 //! [`RelayBuilder`]: assembles a [`Relay`] from a pool, producer properties
 //! and [`RelaySettings`].
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rdkafka::{ClientConfig, error::KafkaError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    Error, Relay, RelaySettings, Result, publish::Publisher, relay::Publishers, txn::Transactional,
+    Error, Relay, RelaySettings, Result,
+    config::{AdminSettings, REDACTED, is_secret_kafka_property},
+    health::{Health, Sampler},
+    publish::Publisher,
+    relay::Publishers,
+    txn::Transactional,
 };
 
 /// Producer properties consign sets unless the user overrides them.
@@ -56,13 +61,26 @@ pub struct RelayBuilder {
     pool: PgPool,
     kafka: BTreeMap<String, String>,
     settings: RelaySettings,
+    sample_interval: Duration,
     on_published: Option<PublishedHook>,
 }
 
 impl std::fmt::Debug for RelayBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kafka: BTreeMap<&str, &str> = self
+            .kafka
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_kafka_property(k) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
         f.debug_struct("RelayBuilder")
-            .field("kafka", &self.kafka)
+            .field("kafka", &kafka)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -74,8 +92,17 @@ impl RelayBuilder {
             pool,
             kafka: BTreeMap::new(),
             settings: RelaySettings::default(),
+            sample_interval: AdminSettings::default().sample_interval,
             on_published: None,
         }
+    }
+
+    /// How often the relay samples the backlog gauges and checks PostgreSQL
+    /// and Kafka for [`Health`](crate::Health) (default 5 s; 100 ms to 10
+    /// min). See [`metrics`](crate::metrics).
+    pub fn sample_interval(mut self, interval: Duration) -> Self {
+        self.sample_interval = interval;
+        self
     }
 
     /// Sets a librdkafka producer property (`bootstrap.servers` is required).
@@ -136,7 +163,14 @@ impl RelayBuilder {
     /// [`Error::Config`] naming the invalid setting or producer property.
     pub fn build(self) -> Result<Relay> {
         self.settings.validate()?;
+        AdminSettings {
+            sample_interval: self.sample_interval,
+            ..AdminSettings::default()
+        }
+        .validate()?;
         let config = producer_config(&self.kafka)?;
+        let mut health_client = config.clone();
+        health_client.set("client.id", "consign-relay-health");
         let publisher = if self.settings.transactions {
             // Check the properties now; the producers (one per leased
             // partition) are created when the partitions are acquired.
@@ -150,11 +184,18 @@ impl RelayBuilder {
         } else {
             Publishers::Shared(Publisher::new(config).map_err(kafka_config_error)?)
         };
+        let sampler = Sampler {
+            pool: self.pool.clone(),
+            kafka: health_client,
+            interval: self.sample_interval,
+            health: Health::default(),
+        };
         Ok(Relay::new(
             self.pool,
             publisher,
             self.settings,
             self.on_published,
+            sampler,
         ))
     }
 }

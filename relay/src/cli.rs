@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::{Config, Relay, Result, config::Profile};
+use crate::{Config, Error, Relay, Result, config::Profile};
 
 /// consign-relay: publishes committed outbox rows to Kafka.
 #[derive(Debug, Parser)]
@@ -107,8 +107,24 @@ async fn run(config: Config) -> Result<()> {
     let relay = Relay::builder(config.database.connect_lazy()?)
         .kafka_properties(config.kafka_properties())
         .settings(config.relay)
+        .sample_interval(config.admin.sample_interval)
         .build()?;
     let shutdown = CancellationToken::new();
+    if config.admin.enabled {
+        let metrics = crate::metrics::install_prometheus().map_err(Error::ConfigSource)?;
+        let listen = config.admin.listen;
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            Error::config("admin.listen", format!("cannot listen on {listen}: {e}"))
+        })?;
+        let address = listener.local_addr().unwrap_or(listen);
+        tracing::info!(%address, "serving /metrics and /health");
+        let (health, stop) = (relay.health(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = crate::admin::serve(listener, health, Some(metrics), stop).await {
+                tracing::error!(%error, "the admin endpoint failed");
+            }
+        });
+    }
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     relay.run(shutdown).await
 }

@@ -50,20 +50,24 @@ impl Stats {
             .fetch_add(count(published), Ordering::Relaxed);
         self.failed.fetch_add(count(failed), Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::PUBLISHED).increment(count(published));
     }
 
     pub(crate) fn record_fenced(&self, rows: usize) {
         let rows = u64::try_from(rows).unwrap_or(u64::MAX);
         self.fenced.fetch_add(rows, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::FENCED_ROWS).increment(rows);
     }
 
-    pub(crate) fn set_partitions(&self, partitions: usize) {
+    /// Returns whether the number changed.
+    pub(crate) fn set_partitions(&self, partitions: usize) -> bool {
         let partitions = u64::try_from(partitions).unwrap_or(u64::MAX);
-        self.partitions.store(partitions, Ordering::Relaxed);
+        self.partitions.swap(partitions, Ordering::Relaxed) != partitions
     }
 
     pub(crate) fn record_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::BATCH_ERRORS).increment(1);
     }
 
     fn snapshot(&self) -> RelayStats {
@@ -109,6 +113,7 @@ pub struct RelayHandle {
     waker: Waker,
     stats: Arc<Stats>,
     instance: String,
+    health: crate::Health,
 }
 
 impl RelayHandle {
@@ -118,6 +123,7 @@ impl RelayHandle {
         waker: Waker,
         stats: Arc<Stats>,
         instance: String,
+        health: crate::Health,
     ) -> Self {
         Self {
             task,
@@ -125,7 +131,14 @@ impl RelayHandle {
             waker,
             stats,
             instance,
+            health,
         }
+    }
+
+    /// Liveness and readiness of the relay. See [`Health`](crate::Health).
+    #[must_use]
+    pub fn health(&self) -> crate::Health {
+        self.health.clone()
     }
 
     /// The relay's instance name, the owner named in its leases.

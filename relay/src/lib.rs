@@ -50,12 +50,15 @@
 //!
 //! [consign]: https://github.com/consign-rs/consign
 
+pub mod admin;
 mod builder;
 pub mod cli;
 pub mod config;
 mod error;
 mod handle;
+pub mod health;
 pub mod lease;
+pub mod metrics;
 mod publish;
 mod relay;
 pub mod status;
@@ -66,6 +69,7 @@ pub use builder::{PRODUCER_DEFAULTS, RelayBuilder};
 pub use config::{Config, Profile, RelaySettings};
 pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};
+pub use health::{Check, Health, Readiness};
 pub use publish::{HEADER_EVENT_TYPE, HEADER_ID};
 pub use relay::Relay;
 pub use status::{Status, status};

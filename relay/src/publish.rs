@@ -27,12 +27,26 @@ pub(crate) enum Outcome {
     /// The broker acknowledged it: delete the row.
     Delivered,
     /// The broker or the producer refused it: record the error, retry later.
-    Failed(String),
+    Failed {
+        /// librdkafka's error code in snake case, for the errors metric.
+        kind: String,
+        /// The error as text, stored on the row.
+        error: String,
+    },
     /// Not sent because an earlier row of its topic and key failed in this
     /// batch; it stays and follows that row.
     Held,
     /// No answer before shutdown: the row stays and is sent again.
     Unknown,
+}
+
+impl Outcome {
+    fn failed(error: &KafkaError) -> Self {
+        Self::Failed {
+            kind: crate::metrics::error_kind(error),
+            error: error.to_string(),
+        }
+    }
 }
 
 /// The idempotent producer, recreated if librdkafka reports a fatal error.
@@ -73,7 +87,7 @@ impl Publisher {
             match self.send(row).await {
                 Ok(delivery) => pending.push(async move { (index, delivery.await) }),
                 Err(error) => {
-                    outcomes[index] = Outcome::Failed(error.to_string());
+                    outcomes[index] = Outcome::failed(&error);
                     held.extend(topic_key);
                 }
             }
@@ -142,7 +156,7 @@ impl Publisher {
 fn delivery_outcome<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Outcome {
     match result {
         Ok(Ok(_)) => Outcome::Delivered,
-        Ok(Err((error, _))) => Outcome::Failed(error.to_string()),
+        Ok(Err((error, _))) => Outcome::failed(&error),
         Err(_) => Outcome::Unknown,
     }
 }

@@ -11,6 +11,7 @@ use crate::{
     Error, RelayBuilder, RelaySettings, Result,
     builder::PublishedHook,
     handle::{RelayHandle, Stats, Waker},
+    health::{Health, Sampler},
     lease::{self, Coordinator, Owned, Ownership},
     publish::{Outcome, Publisher},
     store::{self, Failure, Fence, OutboxRow},
@@ -42,6 +43,12 @@ pub struct Relay {
     waker: Waker,
     stats: Arc<Stats>,
     on_published: Option<PublishedHook>,
+    /// The partitions of the previous batch, to update ownership gauges
+    /// only on change.
+    last_owned: Vec<i16>,
+    /// Backlog gauges and dependency checks, run next to the relay.
+    sampler: Option<Sampler>,
+    health: Health,
 }
 
 /// The producer(s): one shared idempotent producer, or one transactional
@@ -71,9 +78,12 @@ impl Relay {
         publisher: Publishers,
         settings: RelaySettings,
         on_published: Option<PublishedHook>,
+        sampler: Sampler,
     ) -> Self {
         let (instance, host) = lease::instance_name();
         Self {
+            health: sampler.health.clone(),
+            sampler: Some(sampler),
             pool,
             publisher,
             settings,
@@ -83,6 +93,7 @@ impl Relay {
             waker: Waker::default(),
             stats: Arc::default(),
             on_published,
+            last_owned: vec![-1],
         }
     }
 
@@ -91,6 +102,13 @@ impl Relay {
     #[must_use]
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Liveness and readiness (PostgreSQL and Kafka answering), as served
+    /// at `/health` by the `consign-relay` binary.
+    #[must_use]
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// A handle that makes the relay poll now (call it after a commit that
@@ -107,8 +125,9 @@ impl Relay {
         let waker = self.waker.clone();
         let stats = Arc::clone(&self.stats);
         let instance = self.instance.clone();
+        let health = self.health.clone();
         let task = tokio::spawn(self.run(shutdown.clone()));
-        RelayHandle::new(task, shutdown, waker, stats, instance)
+        RelayHandle::new(task, shutdown, waker, stats, instance, health)
     }
 
     /// Publishes until `shutdown` is cancelled, then finishes the batch in
@@ -137,10 +156,20 @@ impl Relay {
             )
             .run(stop_coordinator.clone()),
         );
+        let sampler = self
+            .sampler
+            .take()
+            .map(|sampler| tokio::spawn(sampler.run(stop_coordinator.clone())));
         let result = self.publish_until(&shutdown).await;
         stop_coordinator.cancel();
         if let Err(error) = coordinator.await {
             warn!(%error, "lease coordinator task failed");
+        }
+        if let Some(Err(error)) = match sampler {
+            Some(task) => Some(task.await),
+            None => None,
+        } {
+            warn!(%error, "health sampler task failed");
         }
         self.leave().await;
         info!("relay stopped");
@@ -152,6 +181,7 @@ impl Relay {
         let mut pause = self.settings.poll_interval;
         let mut error_delays = outage_backoff();
         while !shutdown.is_cancelled() {
+            self.health.turned();
             let span = info_span!(
                 "relay.batch",
                 fetched = tracing::field::Empty,
@@ -236,7 +266,10 @@ impl Relay {
         if let Publishers::PerPartition(transactional) = &mut self.publisher {
             owned = transactional.sync(&self.pool, &owned).await;
         }
-        self.stats.set_partitions(owned.len());
+        if self.stats.set_partitions(owned.len()) || owned.keys().ne(self.last_owned.iter()) {
+            self.last_owned = owned.keys().copied().collect();
+            crate::metrics::partitions_owned(&self.last_owned);
+        }
         if owned.is_empty() {
             return Ok(None);
         }
@@ -250,6 +283,8 @@ impl Relay {
         if rows.is_empty() {
             return Ok(Some(0));
         }
+        metrics::histogram!(crate::metrics::BATCH_ROWS)
+            .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
         let grace = self.settings.shutdown_timeout;
         let outcomes = match &mut self.publisher {
             Publishers::Shared(publisher) => {
@@ -292,13 +327,20 @@ impl Relay {
         let mut delivered = Vec::new();
         let mut delivered_ids = Vec::new();
         let mut failures = Vec::new();
+        let acked_at = chrono::Utc::now();
+        let commit_to_ack = metrics::histogram!(crate::metrics::COMMIT_TO_ACK);
         for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
                 Outcome::Delivered => {
                     delivered.push(row.seq);
                     delivered_ids.push(row.id);
+                    let latency = (acked_at - row.created_at).to_std().unwrap_or_default();
+                    commit_to_ack.record(crate::metrics::seconds(latency));
                 }
-                Outcome::Failed(error) => failures.push(self.failure(row, error)),
+                Outcome::Failed { kind, error } => {
+                    crate::metrics::publish_error(kind);
+                    failures.push(self.failure(row, error));
+                }
                 Outcome::Held | Outcome::Unknown => {}
             }
         }

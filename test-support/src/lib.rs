@@ -9,10 +9,12 @@
 //! - [`db`]: database helpers for `#[sqlx::test]` pools.
 //! - [`effects`]: a countable handler effect and a producer for inbox tests.
 //! - [`stream`]: a keyed event stream and the check that it arrived in order.
+//! - [`net`]: a TCP proxy that cuts connections, HTTP GET, Prometheus text.
 
 pub mod db;
 pub mod effects;
 mod kafka;
+pub mod net;
 mod process;
 mod reader;
 pub mod stream;

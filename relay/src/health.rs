@@ -1,0 +1,217 @@
+//! Liveness and readiness of a relay, and the sampler that keeps them (and
+//! the backlog gauges) current.
+//!
+//! Every `sample-interval` the sampler asks PostgreSQL for the backlog (one
+//! aggregate query) and Kafka for cluster metadata (on a metadata-only
+//! client with the relay's connection settings). Each answer, or the error
+//! in its place, is a [`Check`]. The relay is *ready* when both last checks
+//! succeeded, and *live* while its publishing loop keeps turning (an outage
+//! makes it unready, not dead: it recovers by itself).
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use metrics::gauge;
+use rdkafka::{ClientConfig, producer::BaseProducer};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics as m;
+
+/// A publishing loop that has not turned for this long is not live.
+pub const LIVENESS_LIMIT: Duration = Duration::from_secs(120);
+
+/// The outcome of the last check of one dependency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Check {
+    /// Whether it answered.
+    pub up: bool,
+    /// Why not, if it did not.
+    pub error: Option<String>,
+    /// When it was checked; `None` before the first check.
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+impl Check {
+    fn pending() -> Self {
+        Self {
+            up: false,
+            error: Some("not checked yet".into()),
+            checked_at: None,
+        }
+    }
+}
+
+/// What `/health/ready` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Readiness {
+    /// Both dependencies answered at their last check.
+    pub ready: bool,
+    /// PostgreSQL.
+    pub database: Check,
+    /// The Kafka brokers.
+    pub kafka: Check,
+}
+
+/// Shared health state of one relay. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Health {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    database: Mutex<Check>,
+    kafka: Mutex<Check>,
+    turned_at: Mutex<Instant>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                database: Mutex::new(Check::pending()),
+                kafka: Mutex::new(Check::pending()),
+                turned_at: Mutex::new(Instant::now()),
+            }),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Health {
+    /// Ready when the last checks of PostgreSQL and Kafka both succeeded.
+    #[must_use]
+    pub fn readiness(&self) -> Readiness {
+        let database = lock(&self.inner.database).clone();
+        let kafka = lock(&self.inner.kafka).clone();
+        Readiness {
+            ready: database.up && kafka.up,
+            database,
+            kafka,
+        }
+    }
+
+    /// Live while the publishing loop turned within [`LIVENESS_LIMIT`].
+    #[must_use]
+    pub fn live(&self) -> bool {
+        lock(&self.inner.turned_at).elapsed() < LIVENESS_LIMIT
+    }
+
+    /// Called by the publishing loop on every turn.
+    pub(crate) fn turned(&self) {
+        *lock(&self.inner.turned_at) = Instant::now();
+    }
+
+    fn record(
+        which: &Mutex<Check>,
+        name: &str,
+        gauge_name: &'static str,
+        result: Result<(), String>,
+    ) {
+        let check = Check {
+            up: result.is_ok(),
+            error: result.err(),
+            checked_at: Some(Utc::now()),
+        };
+        gauge!(gauge_name).set(if check.up { 1.0 } else { 0.0 });
+        let mut current = lock(which);
+        match (&current.error, &check.error) {
+            (None, Some(error)) => warn!(%error, "{name} check failed: not ready"),
+            (Some(_), None) if current.checked_at.is_some() => info!("{name} answers again"),
+            _ => {}
+        }
+        *current = check;
+    }
+}
+
+/// Samples the backlog and checks the dependencies every `interval`.
+pub(crate) struct Sampler {
+    pub(crate) pool: PgPool,
+    pub(crate) kafka: ClientConfig,
+    pub(crate) interval: Duration,
+    pub(crate) health: Health,
+}
+
+impl Sampler {
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let timeout = self
+            .interval
+            .clamp(Duration::from_millis(500), Duration::from_secs(5));
+        let client: Option<Arc<BaseProducer>> = match self.kafka.create() {
+            Ok(client) => Some(Arc::new(client)),
+            Err(error) => {
+                warn!(%error, "cannot create the Kafka metadata client; readiness stays false");
+                None
+            }
+        };
+        while !stop.is_cancelled() {
+            let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
+            let database = match database {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            Health::record(
+                &self.health.inner.database,
+                "PostgreSQL",
+                m::DATABASE_UP,
+                database,
+            );
+            let kafka = match &client {
+                Some(client) => check_kafka(Arc::clone(client), timeout).await,
+                None => Err("no Kafka client".into()),
+            };
+            Health::record(&self.health.inner.kafka, "Kafka", m::KAFKA_UP, kafka);
+            tokio::select! {
+                () = tokio::time::sleep(self.interval) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+    }
+}
+
+async fn sample_backlog(pool: &PgPool) -> sqlx::Result<()> {
+    let (pending, oldest_age, with_errors): (i64, Option<f64>, i64) = sqlx::query_as(
+        "SELECT count(*),
+                extract(epoch FROM now() - min(created_at))::float8,
+                count(*) FILTER (WHERE last_error IS NOT NULL)
+         FROM consign_outbox",
+    )
+    .fetch_one(pool)
+    .await?;
+    #[allow(clippy::cast_precision_loss)] // row counts far below 2^52
+    {
+        gauge!(m::OUTBOX_PENDING_ROWS).set(pending as f64);
+        gauge!(m::OUTBOX_ROWS_WITH_ERRORS).set(with_errors as f64);
+    }
+    gauge!(m::OUTBOX_OLDEST_PENDING_AGE).set(oldest_age.unwrap_or(0.0).max(0.0));
+    Ok(())
+}
+
+async fn check_kafka(client: Arc<BaseProducer>, timeout: Duration) -> Result<(), String> {
+    use rdkafka::producer::Producer;
+    let answer = tokio::task::spawn_blocking(move || {
+        client
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|metadata| metadata.brokers().len())
+    })
+    .await;
+    match answer {
+        Ok(Ok(0)) => Err("the cluster reported no brokers".into()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(format!("check task failed: {error}")),
+    }
+}

@@ -1,0 +1,139 @@
+//! Network helpers: a TCP proxy that can cut a connection (to take
+//! PostgreSQL "down" for one process without stopping the shared server),
+//! and a minimal HTTP GET for the relay's admin endpoint.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+/// Forwards a local port to `target`. While cut, existing connections are
+/// closed and new ones are closed at once.
+pub struct TcpProxy {
+    address: SocketAddr,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Listens on a free loopback port and forwards to `target`.
+    ///
+    /// # Errors
+    /// If no port can be bound.
+    pub async fn start(target: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (cut, connections) = (Arc::clone(&cut), Arc::clone(&connections));
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    let mut connections =
+                        connections.lock().unwrap_or_else(PoisonError::into_inner);
+                    connections.retain(|t| !t.is_finished());
+                    connections.push(task);
+                }
+            }
+        });
+        Ok(Self {
+            address,
+            cut,
+            connections,
+            accept,
+        })
+    }
+
+    /// The local address clients should connect to.
+    #[must_use]
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Closes every connection and refuses new ones until [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        let connections = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for task in connections {
+            task.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// `GET path` on `address` with HTTP/1.1; returns the status code and body.
+///
+/// # Errors
+/// If the connection fails, takes over 10 s, or the answer is not HTTP.
+pub async fn http_get(address: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(address).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .context("HTTP GET timed out")??;
+    let Some((head, body)) = answer.split_once("\r\n\r\n") else {
+        bail!("not an HTTP answer: {answer:?}");
+    };
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The value of the Prometheus sample `series` (name with labels exactly as
+/// rendered, e.g. `consign_relay_partition_owned{partition="0"}`) in `text`.
+#[must_use]
+pub fn prometheus_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
