@@ -1,10 +1,22 @@
 //! Operating the relay: configuration, secrets, metrics and health, the
 //! admin commands.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
+use consign::{
+    Relay,
+    inbox::{BoxError, Delivery, InboxConsumer, InboxLayer, RetryPolicy},
+};
 use consign_test_support::{
-    RelayProcess, TestBroker, db, eventually,
+    RelayProcess, TestBroker, db,
+    effects::{self, TestMessage, produce},
+    eventually, fast_relay_settings,
     net::{TcpProxy, http_get, prometheus_value},
     relay_config,
     stream::{Stream, write_stream},
@@ -12,6 +24,9 @@ use consign_test_support::{
 };
 use rdkafka::types::RDKafkaRespErr;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -219,4 +234,234 @@ async fn metrics_move_with_events_and_readiness_follows_postgres_and_kafka(pool:
     readiness_until(admin, 200).await;
     assert_eq!(http_get(admin, "/health").await.unwrap().0, 200);
     assert!(relay.terminate(Duration::from_secs(20)).unwrap().success());
+}
+
+/// The Prometheus recorder of this test process (installed once).
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = consign::relay::metrics::install_prometheus().unwrap();
+        consign::inbox::metrics::describe();
+        handle
+    })
+}
+
+/// Runs a `consign-relay` admin command to completion; returns its output.
+fn admin_command(config: &str, args: &[&str]) -> (bool, String) {
+    let mut command = RelayProcess::start_with(config, args, &[]).unwrap();
+    let status = command.wait(Duration::from_secs(30)).unwrap();
+    (status.success(), command.output())
+}
+
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPool) {
+    let prometheus = prometheus();
+    effects::create_table(&pool).await.unwrap();
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("requeue");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let messages = TestMessage::stream(4, 5);
+    let poisoned = messages[6].id.unwrap();
+    assert_eq!(messages[6].key, "key-2");
+    produce(broker.bootstrap(), &topic, &messages)
+        .await
+        .unwrap();
+    produce(broker.bootstrap(), &topic, &messages[..3])
+        .await
+        .unwrap();
+
+    // The handler fails for one message until the "outage" is over.
+    let consumer = format!("requeue-{}", &Uuid::now_v7().simple().to_string()[24..]);
+    let broken = Arc::new(AtomicBool::new(true));
+    let inbox = InboxLayer::builder(pool.clone(), &consumer)
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            min_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        })
+        .build();
+    let handler_broken = Arc::clone(&broken);
+    let service =
+        ServiceBuilder::new()
+            .layer(inbox.clone())
+            .service_fn(move |delivery: Delivery| {
+                let broken = Arc::clone(&handler_broken);
+                async move {
+                    if broken.load(Ordering::SeqCst) && delivery.id() == poisoned {
+                        return Err::<(), BoxError>("inventory service unavailable".into());
+                    }
+                    effects::record(delivery).await
+                }
+            });
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(
+        InboxConsumer::builder(&inbox)
+            .topic(&topic)
+            .kafka("bootstrap.servers", broker.bootstrap())
+            .build()
+            .unwrap()
+            .run(service, stop.clone()),
+    );
+    let stats = eventually(
+        "19 handled, 1 dead-lettered, 3 duplicates",
+        WAIT,
+        || async {
+            let s = inbox.stats();
+            Ok((s.handled == 19 && s.dead_lettered == 1 && s.duplicates == 3).then_some(s))
+        },
+    )
+    .await
+    .unwrap();
+    println!("before requeue: {stats:?}");
+    let series = |name: &str, outcome: Option<&str>| {
+        let text = prometheus.render();
+        let labels = match outcome {
+            Some(outcome) => format!("{{consumer=\"{consumer}\",outcome=\"{outcome}\"}}"),
+            None => format!("{{consumer=\"{consumer}\"}}"),
+        };
+        prometheus_value(&text, &format!("{name}{labels}"))
+    };
+    let messages_total = "consign_inbox_messages_total";
+    assert_eq!(series(messages_total, Some("handled")), Some(19.0));
+    assert_eq!(series(messages_total, Some("duplicate")), Some(3.0));
+    assert_eq!(series(messages_total, Some("dead_lettered")), Some(1.0));
+    assert_eq!(
+        series("consign_inbox_failed_attempts_total", None),
+        Some(3.0)
+    );
+    // Every handler call is timed: 19 successes and 3 failed attempts, plus
+    // the calls of the batch that rolled back when the poisoned one failed.
+    let calls = series("consign_inbox_handler_seconds_count", None).unwrap();
+    assert!(calls >= 22.0, "{calls} handler calls timed");
+
+    // The admin CLI shows the letter; requeue needs a selection.
+    broken.store(false, Ordering::SeqCst);
+    let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[]);
+    let (ok, listed) = admin_command(&config, &["dead-letters", "list", "--json"]);
+    assert!(ok, "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["message_id"], poisoned.to_string());
+    assert_eq!(listed[0]["consumer"], consumer.as_str());
+    assert!(
+        listed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("inventory service unavailable")
+    );
+    let (ok, table) = admin_command(&config, &["dead-letters", "list"]);
+    assert!(
+        ok && table.contains("1 dead letters") && table.contains("key-2"),
+        "{table}"
+    );
+    let (ok, refused) = admin_command(&config, &["dead-letters", "requeue"]);
+    assert!(!ok && refused.contains("--all"), "{refused}");
+    let (ok, status) = admin_command(&config, &["status"]);
+    assert!(ok && status.contains("dead letters: 1"), "{status}");
+
+    let (ok, requeued) = admin_command(
+        &config,
+        &[
+            "dead-letters",
+            "requeue",
+            "--consumer",
+            &consumer,
+            "--key",
+            "key-2",
+        ],
+    );
+    assert!(ok && requeued.contains("1 requeued, 0 kept"), "{requeued}");
+    let (_, listed) = admin_command(&config, &["dead-letters", "list"]);
+    assert!(listed.contains("0 dead letters"), "{listed}");
+
+    // The relay ships it; the consumer that gave up handles it, once.
+    let relay = Relay::builder(pool.clone())
+        .kafka("bootstrap.servers", broker.bootstrap())
+        .settings(fast_relay_settings())
+        .build()
+        .unwrap()
+        .spawn();
+    db::wait_drained(&pool, WAIT).await.unwrap();
+    eventually("the requeued message to be handled", WAIT, || async {
+        Ok((inbox.stats().handled == 20).then_some(()))
+    })
+    .await
+    .unwrap();
+    let tally = effects::tally(&pool).await.unwrap();
+    assert_eq!((tally.effects, tally.distinct), (20, 20), "{tally:?}");
+    assert_eq!(series(messages_total, Some("handled")), Some(20.0));
+    // Requeueing again finds nothing; the message stays handled once.
+    let (ok, again) = admin_command(&config, &["dead-letters", "requeue", "--all"]);
+    assert!(ok && again.contains("0 requeued"), "{again}");
+    relay.shutdown().await.unwrap();
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(effects::tally(&pool).await.unwrap().effects, 20);
+}
+
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
+    // Inbox records handled 10 min, 50 min, 70 min and 3 days ago.
+    let ages = ["10 minutes", "50 minutes", "70 minutes", "3 days"];
+    let mut ids = Vec::new();
+    for age in ages {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO consign_inbox (consumer, message_id, handled_at)
+             VALUES ('c', $1, now() - $2::interval)",
+        )
+        .bind(id)
+        .bind(age)
+        .execute(&pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    for age in ["1 day", "10 days"] {
+        sqlx::query(
+            "INSERT INTO consign_dead_letters
+                 (consumer, topic, partition, \"offset\", error, attempts, failed_at)
+             VALUES ('c', 't', 0, 0, $1, 1, now() - $1::interval)",
+        )
+        .bind(age)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
+
+    let (ok, out) = admin_command(&config, &["cleanup", "--inbox-older-than", "1h", "--json"]);
+    assert!(ok, "{out}");
+    let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cleaned["inbox_records"], 2, "{out}");
+    assert_eq!(
+        cleaned["dead_letters"], 0,
+        "no dead-letter retention set: {out}"
+    );
+    let left: Vec<Uuid> =
+        sqlx::query_scalar("SELECT message_id FROM consign_inbox ORDER BY handled_at DESC")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        left,
+        ids[..2].to_vec(),
+        "only the records younger than 1 h are left"
+    );
+
+    let with_letters = config.clone() + "\n[retention]\ndead-letters = \"7days\"\n";
+    let (ok, out) = admin_command(&with_letters, &["cleanup", "--inbox-older-than", "1h"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("deleted 0 inbox records older than 1h and 1 dead letters older than 7days"),
+        "{out}"
+    );
+    let letters: Vec<String> = sqlx::query_scalar("SELECT error FROM consign_dead_letters")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(letters, ["1 day"]);
+    // The default inbox retention (7 days) keeps everything that is left.
+    let (ok, out) = admin_command(&config, &["cleanup", "--json"]);
+    assert!(ok && out.contains("\"inbox_records\": 0"), "{out}");
 }

@@ -81,9 +81,38 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: AtomicU64,
 }
 
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+/// What a count is of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counted {
+    Handled,
+    Duplicate,
+    FailedAttempt,
+    DeadLettered,
+}
+
+impl Shared {
+    /// Adds `n` to the inbox's counter and to its metric.
+    pub(crate) fn count(&self, what: Counted, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let c = &self.counters;
+        let (counter, outcome) = match what {
+            Counted::Handled => (&c.handled, "handled"),
+            Counted::Duplicate => (&c.duplicates, "duplicate"),
+            Counted::DeadLettered => (&c.dead_lettered, "dead_lettered"),
+            Counted::FailedAttempt => {
+                c.failed_attempts.fetch_add(n, Ordering::Relaxed);
+                let consumer = self.consumer.clone();
+                metrics::counter!(crate::metrics::FAILED_ATTEMPTS, "consumer" => consumer)
+                    .increment(n);
+                return;
+            }
+        };
         counter.fetch_add(n, Ordering::Relaxed);
+        let consumer = self.consumer.clone();
+        metrics::counter!(crate::metrics::MESSAGES, "consumer" => consumer, "outcome" => outcome)
+            .increment(n);
     }
 }
 

@@ -16,6 +16,8 @@
 //!   (and optionally `<topic>.dlq`) with the reason; undecodable or
 //!   rejected messages go there at once. Later messages keep flowing.
 //!
+//! - Metrics through the `metrics` facade: see [`metrics`].
+//!
 //! The tables come with consign's migrations (`consign_outbox::migrate`).
 //!
 //! ```no_run
@@ -55,6 +57,7 @@ mod consumer;
 mod delivery;
 mod error;
 mod layer;
+pub mod metrics;
 mod received;
 mod service;
 mod store;

@@ -16,7 +16,7 @@ use tower::{Service, ServiceExt};
 use uuid::Uuid;
 
 use crate::delivery::{DecodeError, Rejected};
-use crate::layer::{Counters, MissingId, Shared};
+use crate::layer::{Counted, MissingId, Shared};
 use crate::{BoxError, Delivery, InboxError, Received, store};
 
 /// How long the inbox waits, after the handler returned, for its
@@ -177,6 +177,7 @@ enum Attempt {
 /// Calls the handler once with `tx`, catching panics, and takes the
 /// transaction back.
 async fn attempt<S>(
+    shared: &Shared,
     inner: &mut S,
     message: &Arc<Received>,
     id: Uuid,
@@ -191,12 +192,16 @@ where
         .await
         .map_err(|e| InboxError::Service(e.into()))?;
     let (delivery, back) = Delivery::new(Arc::clone(message), id, number, tx);
+    let started = std::time::Instant::now();
     let result: Result<Option<BoxError>, String> =
         match AssertUnwindSafe(ready.call(delivery)).catch_unwind().await {
             Ok(Ok(_)) => Ok(None),
             Ok(Err(error)) => Ok(Some(error.into())),
             Err(panic) => Err(panic_message(&*panic)),
         };
+    let consumer = shared.consumer.clone();
+    metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => consumer)
+        .record(started.elapsed().as_secs_f64());
     let returned = tokio::time::timeout(DELIVERY_RETURN_TIMEOUT, back)
         .await
         .ok()
@@ -324,7 +329,7 @@ where
             Err(reason) => without_id.push((message, reason)),
             // Recorded before (or earlier in this batch): a duplicate.
             Ok(id) if !new.remove(id) => outcome.add(&Outcome::Duplicate, 0),
-            Ok(id) => match attempt(inner, message, *id, 1, tx).await? {
+            Ok(id) => match attempt(shared, inner, message, *id, 1, tx).await? {
                 Attempt::Succeeded(back) => {
                     tx = back;
                     outcome.add(&Outcome::Handled, 0);
@@ -337,7 +342,7 @@ where
                     if let Some(back) = back {
                         rollback(back).await;
                     }
-                    Counters::add(&shared.counters.failed_attempts, 1);
+                    shared.count(Counted::FailedAttempt, 1);
                     tracing::warn!(
                         consumer = %shared.consumer, topic = %message.topic,
                         partition = message.partition, offset = message.offset,
@@ -378,10 +383,9 @@ where
 }
 
 fn count(shared: &Shared, outcome: &BatchOutcome) {
-    let c = &shared.counters;
-    Counters::add(&c.handled, outcome.handled);
-    Counters::add(&c.duplicates, outcome.duplicates);
-    Counters::add(&c.dead_lettered, outcome.dead_lettered);
+    shared.count(Counted::Handled, outcome.handled);
+    shared.count(Counted::Duplicate, outcome.duplicates);
+    shared.count(Counted::DeadLettered, outcome.dead_lettered);
 }
 
 /// One message in transactions of its own: retried with backoff, then
@@ -415,7 +419,7 @@ where
             Err(reason) => {
                 dead_letter(shared, &mut tx, None, message, reason, 0).await?;
                 finish(shared, tx, message).await?;
-                Counters::add(&shared.counters.dead_lettered, 1);
+                shared.count(Counted::DeadLettered, 1);
                 let reason = reason.clone();
                 return Ok((Outcome::DeadLettered { reason }, failed));
             }
@@ -425,13 +429,13 @@ where
             .is_empty()
         {
             finish(shared, tx, message).await?;
-            Counters::add(&shared.counters.duplicates, 1);
+            shared.count(Counted::Duplicate, 1);
             return Ok((Outcome::Duplicate, failed));
         }
-        match attempt(inner, message, id, attempts + 1, tx).await? {
+        match attempt(shared, inner, message, id, attempts + 1, tx).await? {
             Attempt::Succeeded(tx) => {
                 finish(shared, tx, message).await?;
-                Counters::add(&shared.counters.handled, 1);
+                shared.count(Counted::Handled, 1);
                 return Ok((Outcome::Handled, failed));
             }
             Attempt::Failed { tx, reason, poison } => {
@@ -439,7 +443,7 @@ where
                     rollback(tx).await;
                 }
                 failed += 1;
-                Counters::add(&shared.counters.failed_attempts, 1);
+                shared.count(Counted::FailedAttempt, 1);
                 tracing::warn!(
                     consumer = %shared.consumer, topic = %message.topic,
                     partition = message.partition, offset = message.offset,
@@ -490,7 +494,7 @@ async fn give_up(
     {
         // Handled meanwhile by another consumer of the group.
         finish(shared, tx, message).await?;
-        Counters::add(&shared.counters.duplicates, 1);
+        shared.count(Counted::Duplicate, 1);
         return Ok(Outcome::Duplicate);
     }
     let reason = if failure.poison {
@@ -503,7 +507,7 @@ async fn give_up(
     };
     dead_letter(shared, &mut tx, id, message, &reason, failure.attempts).await?;
     finish(shared, tx, message).await?;
-    Counters::add(&shared.counters.dead_lettered, 1);
+    shared.count(Counted::DeadLettered, 1);
     tracing::error!(
         consumer = %shared.consumer, topic = %message.topic,
         partition = message.partition, offset = message.offset,

@@ -1,12 +1,18 @@
 //! The `consign-relay` command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use chrono::{DateTime, Utc};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::{Config, Error, Relay, Result, config::Profile};
+use crate::{
+    Config, Error, Relay, Result,
+    config::Profile,
+    dead_letters::{self, Selection},
+};
 
 /// consign-relay: publishes committed outbox rows to Kafka.
 #[derive(Debug, Parser)]
@@ -42,6 +48,100 @@ enum Command {
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// List, requeue or purge the dead letters of inbox consumers.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+    /// Delete inbox dedup records (and, if configured, dead letters) older
+    /// than the [retention] settings.
+    Cleanup {
+        /// Override retention.inbox (e.g. 7days, 12h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        inbox_older_than: Option<Duration>,
+        /// Override retention.dead-letters (e.g. 90days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        dead_letters_older_than: Option<Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dead letters: conditions combine with AND.
+#[derive(Debug, clap::Args)]
+struct SelectArgs {
+    /// Dead-letter id (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<i64>,
+    /// Only this consumer's letters.
+    #[arg(long)]
+    consumer: Option<String>,
+    /// Only letters with this Kafka key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only letters that failed at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Only letters that failed before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+    /// Every letter (with the other conditions, if any).
+    #[arg(long)]
+    all: bool,
+}
+
+impl SelectArgs {
+    fn selection(self, default_all: bool) -> Result<Selection> {
+        let mut selection = Selection {
+            ids: self.ids,
+            consumer: self.consumer,
+            key: self.key,
+            since: self.since,
+            until: self.until,
+            all: self.all,
+        };
+        if selection == Selection::default() {
+            if !default_all {
+                return Err(Error::ConfigSource(
+                    "name the dead letters: --id, --consumer, --key, --since/--until, or --all"
+                        .into(),
+                ));
+            }
+            selection.all = true;
+        }
+        Ok(selection)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back on their topic through the outbox, to be
+    /// handled again by the consumer that gave up (once).
+    Requeue {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +185,34 @@ async fn execute(cli: Cli) -> Result<()> {
         Command::Run => run(config).await,
         Command::Migrate => migrate(&config).await,
         Command::Status { json } => status(&config, json).await,
+        Command::DeadLetters(command) => dead_letter_command(&config, command).await,
+        Command::Cleanup {
+            inbox_older_than,
+            dead_letters_older_than,
+            json,
+        } => {
+            config.database.validate()?;
+            config.retention.validate()?;
+            let pool = config.database.connect_lazy()?;
+            let inbox = inbox_older_than.unwrap_or(config.retention.inbox);
+            let letters = dead_letters_older_than.or(config.retention.dead_letters);
+            let cleaned = dead_letters::cleanup(&pool, inbox, letters).await?;
+            if json {
+                print_json(&cleaned);
+            } else {
+                println!(
+                    "deleted {} inbox records older than {} and {} dead letters{}",
+                    cleaned.inbox_records,
+                    humantime::format_duration(inbox),
+                    cleaned.dead_letters,
+                    letters.map_or_else(
+                        || " (no dead-letter retention set)".into(),
+                        |age| format!(" older than {}", humantime::format_duration(age))
+                    )
+                );
+            }
+            Ok(())
+        }
         Command::Config(ConfigCommand::Check) => {
             config.validate()?;
             println!("configuration is valid (profile {})", config.profile);
@@ -139,6 +267,74 @@ async fn migrate(config: &Config) -> Result<()> {
         .max()
         .unwrap_or(0);
     println!("consign schema is at version {latest}");
+    Ok(())
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    let text = serde_json::to_string_pretty(value);
+    println!("{}", text.expect("plain, serializable fields"));
+}
+
+async fn dead_letter_command(config: &Config, command: DeadLetterCommand) -> Result<()> {
+    config.database.validate()?;
+    let pool = config.database.connect_lazy()?;
+    match command {
+        DeadLetterCommand::List {
+            select,
+            limit,
+            json,
+        } => {
+            let letters = dead_letters::list(&pool, &select.selection(true)?, limit).await?;
+            if json {
+                print_json(&letters);
+                return Ok(());
+            }
+            println!(
+                "{:>8} {:<20} {:<24} {:>12} {:<16} {:>3} {:<20} ERROR",
+                "ID", "CONSUMER", "TOPIC", "PART/OFFSET", "KEY", "TRY", "FAILED AT"
+            );
+            for l in &letters {
+                println!(
+                    "{:>8} {:<20} {:<24} {:>12} {:<16} {:>3} {:<20} {}",
+                    l.id,
+                    l.consumer,
+                    l.topic,
+                    format!("{}/{}", l.partition, l.offset),
+                    l.key.as_deref().unwrap_or("-"),
+                    l.attempts,
+                    l.failed_at.format("%Y-%m-%d %H:%M:%S"),
+                    l.error
+                );
+            }
+            println!("{} dead letters", letters.len());
+        }
+        DeadLetterCommand::Requeue { select, json } => {
+            let done = dead_letters::requeue(&pool, &select.selection(false)?).await?;
+            if json {
+                print_json(&done);
+                return Ok(());
+            }
+            for (id, message) in &done.requeued {
+                println!("requeued dead letter {id} as message {message}");
+            }
+            for (id, reason) in &done.skipped {
+                println!("kept dead letter {id}: {reason}");
+            }
+            println!(
+                "{} requeued, {} kept",
+                done.requeued.len(),
+                done.skipped.len()
+            );
+        }
+        DeadLetterCommand::Purge { select, json } => {
+            let purged = dead_letters::purge(&pool, &select.selection(false)?).await?;
+            if json {
+                print_json(&serde_json::json!({ "purged": purged }));
+            } else {
+                println!("purged {purged} dead letters");
+            }
+        }
+    }
     Ok(())
 }
 

@@ -434,6 +434,48 @@ impl AdminSettings {
     }
 }
 
+/// The `[retention]` section, applied by `consign-relay cleanup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Inbox dedup records older than this are deleted. Safe because
+    /// consumers resume from stored offsets; keep it longer than any
+    /// duplicate could arrive late. Default 7 days; 1 minute to 10 years.
+    #[serde(with = "humantime_serde")]
+    pub inbox: Duration,
+    /// Dead letters older than this are deleted. Default: kept until purged
+    /// (nothing is dropped silently).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<Duration>,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            inbox: Duration::from_secs(7 * 86_400),
+            dead_letters: None,
+        }
+    }
+}
+
+impl RetentionSettings {
+    /// Checks the ages.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let (min, max) = (
+            Duration::from_secs(60),
+            Duration::from_secs(10 * 365 * 86_400),
+        );
+        in_range("retention.inbox", self.inbox, min, max)?;
+        if let Some(age) = self.dead_letters {
+            in_range("retention.dead-letters", age, min, max)?;
+        }
+        Ok(())
+    }
+}
+
 /// The relay binary's whole configuration. `Debug` hides secrets.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -454,6 +496,8 @@ pub struct Config {
     pub kafka: BTreeMap<String, KafkaValue>,
     /// `[admin]`: the `/metrics` and `/health` endpoint.
     pub admin: AdminSettings,
+    /// `[retention]`: what `consign-relay cleanup` deletes.
+    pub retention: RetentionSettings,
 }
 
 impl Default for Config {
@@ -471,6 +515,7 @@ impl fmt::Debug for Config {
             .field("relay", &redacted.relay)
             .field("kafka", &redacted.kafka)
             .field("admin", &redacted.admin)
+            .field("retention", &redacted.retention)
             .finish()
     }
 }
@@ -488,6 +533,7 @@ impl Config {
             relay: RelaySettings::for_profile(profile),
             kafka: BTreeMap::new(),
             admin: AdminSettings::for_profile(profile),
+            retention: RetentionSettings::default(),
         }
     }
 
@@ -565,6 +611,7 @@ impl Config {
         self.database.validate()?;
         self.relay.validate()?;
         self.admin.validate()?;
+        self.retention.validate()?;
         match self.kafka.get("bootstrap.servers") {
             Some(servers) if !servers.to_string().trim().is_empty() => Ok(()),
             _ => Err(Error::config(

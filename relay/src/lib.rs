@@ -54,6 +54,7 @@ pub mod admin;
 mod builder;
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
 mod error;
 mod handle;
 pub mod health;

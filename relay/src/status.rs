@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::lease::{self, Lease, Member};
+use crate::{
+    dead_letters::{self, DeadLetterCount},
+    lease::{self, Lease, Member},
+};
 
 /// The outbox backlog of one partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -23,6 +26,29 @@ pub struct Backlog {
     pub failed: i64,
 }
 
+/// An outbox row whose last publish attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct FailedRow {
+    /// Outbox sequence number.
+    pub seq: i64,
+    /// Message id.
+    pub id: uuid::Uuid,
+    /// Target topic.
+    pub topic: String,
+    /// Message key.
+    pub key: Option<String>,
+    /// Failed attempts so far.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When the relay tries again.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// Failed rows shown by [`status`] (the oldest first).
+pub const FAILED_ROWS_SHOWN: i64 = 20;
+
 /// A snapshot of the relays of one outbox.
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
@@ -35,6 +61,10 @@ pub struct Status {
     pub leases: Vec<Lease>,
     /// Partitions with waiting rows.
     pub backlog: Vec<Backlog>,
+    /// Up to [`FAILED_ROWS_SHOWN`] rows whose publishing failed, oldest first.
+    pub failed: Vec<FailedRow>,
+    /// Dead letters per inbox consumer.
+    pub dead_letters: Vec<DeadLetterCount>,
 }
 
 /// Reads the relays, the leases and the backlog.
@@ -50,11 +80,20 @@ pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
     )
     .fetch_all(pool)
     .await?;
+    let failed = sqlx::query_as(
+        "SELECT seq, id, topic, key, attempts, last_error, next_attempt_at
+         FROM consign_outbox WHERE last_error IS NOT NULL ORDER BY seq LIMIT $1",
+    )
+    .bind(FAILED_ROWS_SHOWN)
+    .fetch_all(pool)
+    .await?;
     Ok(Status {
         now,
         relays: lease::members(pool).await?,
         leases: lease::leases(pool).await?,
         backlog,
+        failed,
+        dead_letters: dead_letters::counts(pool).await?,
     })
 }
 
@@ -134,11 +173,38 @@ impl Status {
                 backlog.map_or(0, |b| b.failed),
             );
         }
+        let failed: i64 = self.backlog.iter().map(|b| b.failed).sum();
+        let _ = writeln!(out, "\nrows with publish errors: {failed}");
+        for row in &self.failed {
+            let _ = writeln!(
+                out,
+                "  seq {} topic {} key {} attempts {}: {}",
+                row.seq,
+                row.topic,
+                row.key.as_deref().unwrap_or("-"),
+                row.attempts,
+                row.last_error.as_deref().unwrap_or("")
+            );
+        }
+        if failed > i64::try_from(self.failed.len()).unwrap_or(i64::MAX) {
+            let _ = writeln!(out, "  ... (the oldest {} shown)", self.failed.len());
+        }
+        let letters: i64 = self.dead_letters.iter().map(|d| d.count).sum();
+        let _ = writeln!(out, "\ndead letters: {letters}");
+        for count in &self.dead_letters {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>8}  latest {}",
+                count.consumer,
+                count.count,
+                ago(self.now, count.latest)
+            );
+        }
         out
     }
 }
 
-fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
+pub(crate) fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
     let seconds = (now - then).num_seconds().max(0);
     match seconds {
         0..120 => format!("{seconds}s ago"),

@@ -126,14 +126,34 @@ pub async fn http_get(address: SocketAddr, path: &str) -> Result<(u16, String)> 
     Ok((status, body.to_owned()))
 }
 
-/// The value of the Prometheus sample `series` (name with labels exactly as
-/// rendered, e.g. `consign_relay_partition_owned{partition="0"}`) in `text`.
+/// The value of the Prometheus sample `series` in `text`: a name with
+/// labels as in the exposition format (`consign_relay_partition_owned{partition="0"}`),
+/// matched whatever the order of the labels.
 #[must_use]
 pub fn prometheus_value(text: &str, series: &str) -> Option<f64> {
+    let wanted = parse_series(series);
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| {
             let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
+            (parse_series(name) == wanted).then(|| value.parse().ok())?
         })
+}
+
+/// `name{b="2",a="1"}` → (`name`, [(`a`, `1`), (`b`, `2`)]).
+fn parse_series(series: &str) -> (String, Vec<(String, String)>) {
+    let Some((name, labels)) = series.split_once('{') else {
+        return (series.to_owned(), Vec::new());
+    };
+    let mut pairs: Vec<(String, String)> = labels
+        .trim_end_matches('}')
+        .split("\",")
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            Some((key.to_owned(), value.trim_matches('"').to_owned()))
+        })
+        .collect();
+    pairs.sort();
+    (name.to_owned(), pairs)
 }
