@@ -17,6 +17,9 @@
 //!   rejected messages go there at once. Later messages keep flowing.
 //!
 //! - Metrics through the `metrics` facade: see [`metrics`].
+//! - Tracing: each handler attempt runs in a `consign.handle` span that
+//!   continues the writer's trace from the `traceparent`/`tracestate`
+//!   headers (with `tracing-opentelemetry` installed).
 //!
 //! The tables come with consign's migrations (`consign_outbox::migrate`).
 //!
@@ -61,6 +64,7 @@ pub mod metrics;
 mod received;
 mod service;
 mod store;
+mod trace;
 
 pub use consumer::{InboxConsumer, InboxConsumerBuilder};
 pub use delivery::{DecodeError, Delivery, Rejected};

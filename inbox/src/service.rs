@@ -13,6 +13,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tower::{Service, ServiceExt};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::delivery::{DecodeError, Rejected};
@@ -193,12 +194,14 @@ where
         .map_err(|e| InboxError::Service(e.into()))?;
     let (delivery, back) = Delivery::new(Arc::clone(message), id, number, tx);
     let started = std::time::Instant::now();
-    let result: Result<Option<BoxError>, String> =
-        match AssertUnwindSafe(ready.call(delivery)).catch_unwind().await {
-            Ok(Ok(_)) => Ok(None),
-            Ok(Err(error)) => Ok(Some(error.into())),
-            Err(panic) => Err(panic_message(&*panic)),
-        };
+    let span = crate::trace::handler_span(&shared.consumer, message, id, number);
+    let call = span.in_scope(|| ready.call(delivery)).instrument(span);
+    let result: Result<Option<BoxError>, String> = match AssertUnwindSafe(call).catch_unwind().await
+    {
+        Ok(Ok(_)) => Ok(None),
+        Ok(Err(error)) => Ok(Some(error.into())),
+        Err(panic) => Err(panic_message(&*panic)),
+    };
     let consumer = shared.consumer.clone();
     metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => consumer)
         .record(started.elapsed().as_secs_f64());

@@ -54,6 +54,7 @@ mod message;
 mod outbox;
 mod partition;
 mod store;
+mod trace;
 mod validate;
 
 pub use error::{Error, Result};

@@ -58,6 +58,12 @@ impl Outbox {
 
     /// Validates `msg` and inserts it. Returns its id.
     ///
+    /// Unless the message carries a trace context already
+    /// ([`Message::with_trace_context`]), the current span's W3C trace
+    /// context (through `tracing-opentelemetry`, or the current
+    /// OpenTelemetry context) is stored with it; the relay sends it as the
+    /// `traceparent`/`tracestate` headers and the inbox continues the trace.
+    ///
     /// # Errors
     /// A validation error (nothing was sent; the transaction is intact) or
     /// [`Error::Database`] (the transaction is aborted).
@@ -65,6 +71,7 @@ impl Outbox {
     where
         C: OutboxConnection + ?Sized,
     {
+        let msg = with_current_trace(msg);
         self.validate(&msg)?;
         let id = msg.id();
         conn.insert_messages(std::slice::from_ref(&msg)).await?;
@@ -72,7 +79,8 @@ impl Outbox {
     }
 
     /// Validates every message, then inserts them all with one statement, in
-    /// the given order. Returns their ids in the same order.
+    /// the given order. Returns their ids in the same order. The current
+    /// trace context is stored as with [`Outbox::enqueue`].
     ///
     /// # Errors
     /// [`Error::InBatch`] naming the first invalid message (nothing was
@@ -87,9 +95,18 @@ impl Outbox {
                 source: Box::new(source),
             })?;
         }
-        if !msgs.is_empty() {
-            conn.insert_messages(msgs).await?;
+        if msgs.is_empty() {
+            return Ok(Vec::new());
         }
+        let traced: Vec<Message>;
+        let msgs = match crate::trace::current() {
+            Some(trace) if msgs.iter().any(|m| m.traceparent().is_none()) => {
+                traced = msgs.iter().map(|m| with_trace(m.clone(), &trace)).collect();
+                &traced[..]
+            }
+            _ => msgs,
+        };
+        conn.insert_messages(msgs).await?;
         Ok(msgs.iter().map(Message::id).collect())
     }
 
@@ -140,4 +157,22 @@ impl OutboxBuilder {
             limits: self.limits,
         }
     }
+}
+
+/// `msg` with the current trace context, unless it has one.
+fn with_current_trace(msg: Message) -> Message {
+    if msg.traceparent().is_some() {
+        return msg;
+    }
+    match crate::trace::current() {
+        Some(trace) => with_trace(msg, &trace),
+        None => msg,
+    }
+}
+
+fn with_trace(msg: Message, (traceparent, tracestate): &(String, Option<String>)) -> Message {
+    if msg.traceparent().is_some() {
+        return msg;
+    }
+    msg.with_trace_context(traceparent.clone(), tracestate.clone())
 }
