@@ -198,6 +198,7 @@ async fn migrate_command_creates_the_schema_and_is_idempotent(pool: PgPool) {
         "consign_inbox",
         "consign_inbox_offsets",
         "consign_dead_letters",
+        "consign_outbox_archive",
     ] {
         let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
             .bind(expected)

@@ -148,6 +148,13 @@ impl RelayBuilder {
         self
     }
 
+    /// Archive published rows instead of deleting them (default off). See
+    /// [`RelaySettings::archive`] and [`retention`](crate::retention).
+    pub fn archive(mut self, on: bool) -> Self {
+        self.settings.archive = on;
+        self
+    }
+
     /// Calls `hook` with the ids of every batch of messages the broker has
     /// acknowledged, before their rows are deleted. Keep it fast: it runs on
     /// the relay's task.
@@ -189,6 +196,7 @@ impl RelayBuilder {
             kafka: health_client,
             interval: self.sample_interval,
             health: Health::default(),
+            archive: self.settings.archive,
         };
         Ok(Relay::new(
             self.pool,

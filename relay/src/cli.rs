@@ -12,6 +12,7 @@ use crate::{
     Config, Error, Relay, Result,
     config::Profile,
     dead_letters::{self, Selection},
+    retention::{self, Retention},
 };
 
 /// consign-relay: publishes committed outbox rows to Kafka.
@@ -60,6 +61,9 @@ enum Command {
         /// Override retention.dead-letters (e.g. 90days).
         #[arg(long, value_parser = humantime::parse_duration)]
         dead_letters_older_than: Option<Duration>,
+        /// Override retention.archive (e.g. 30days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        archive_older_than: Option<Duration>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -189,26 +193,45 @@ async fn execute(cli: Cli) -> Result<()> {
         Command::Cleanup {
             inbox_older_than,
             dead_letters_older_than,
+            archive_older_than,
             json,
         } => {
             config.database.validate()?;
             config.retention.validate()?;
             let pool = config.database.connect_lazy()?;
-            let inbox = inbox_older_than.unwrap_or(config.retention.inbox);
-            let letters = dead_letters_older_than.or(config.retention.dead_letters);
-            let cleaned = dead_letters::cleanup(&pool, inbox, letters).await?;
+            let mut retention =
+                Retention::inbox(inbox_older_than.unwrap_or(config.retention.inbox));
+            retention.dead_letters = dead_letters_older_than.or(config.retention.dead_letters);
+            retention.archive = archive_older_than.or(config.retention.archive);
+            let cleaned = retention::cleanup(&pool, retention).await?;
             if json {
                 print_json(&cleaned);
             } else {
-                println!(
-                    "deleted {} inbox records older than {} and {} dead letters{}",
-                    cleaned.inbox_records,
-                    humantime::format_duration(inbox),
-                    cleaned.dead_letters,
-                    letters.map_or_else(
-                        || " (no dead-letter retention set)".into(),
-                        |age| format!(" older than {}", humantime::format_duration(age))
+                let age = |age: Option<Duration>, what: &str| {
+                    age.map_or_else(
+                        || format!(" (no {what} retention set)"),
+                        |age| format!(" older than {}", humantime::format_duration(age)),
                     )
+                };
+                println!(
+                    "deleted {} inbox records older than {}",
+                    cleaned.inbox_records,
+                    humantime::format_duration(retention.inbox)
+                );
+                println!(
+                    "deleted {} dead letters{}",
+                    cleaned.dead_letters,
+                    age(retention.dead_letters, "dead-letter")
+                );
+                println!(
+                    "dropped {} archive partitions{}{}",
+                    cleaned.archive_partitions.len(),
+                    age(retention.archive, "archive"),
+                    if cleaned.archive_partitions.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", cleaned.archive_partitions.join(", "))
+                    }
                 );
             }
             Ok(())

@@ -68,6 +68,10 @@ pub struct RelaySettings {
     /// Default: `consign-<outbox id>`, an id generated once per database by
     /// the migrations.
     pub transactional_id_prefix: Option<String>,
+    /// Move published rows to `consign_outbox_archive` (partitioned by day
+    /// of publication, dropped by `consign-relay cleanup` after
+    /// `retention.archive`) instead of deleting them. Default false.
+    pub archive: bool,
 }
 
 /// A set of defaults. The file and the environment override single fields.
@@ -149,6 +153,7 @@ impl RelaySettings {
             lease_ttl: ms(10_000),
             transactions: false,
             transactional_id_prefix: None,
+            archive: false,
         };
         match profile {
             Profile::Production => production,
@@ -447,6 +452,10 @@ pub struct RetentionSettings {
     /// (nothing is dropped silently).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<Duration>,
+    /// Archive partitions (see `relay.archive`) whose whole day is older
+    /// than this are dropped. Default 30 days.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub archive: Option<Duration>,
 }
 
 impl Default for RetentionSettings {
@@ -454,6 +463,7 @@ impl Default for RetentionSettings {
         Self {
             inbox: Duration::from_secs(7 * 86_400),
             dead_letters: None,
+            archive: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -471,6 +481,9 @@ impl RetentionSettings {
         in_range("retention.inbox", self.inbox, min, max)?;
         if let Some(age) = self.dead_letters {
             in_range("retention.dead-letters", age, min, max)?;
+        }
+        if let Some(age) = self.archive {
+            in_range("retention.archive", age, Duration::from_secs(86_400), max)?;
         }
         Ok(())
     }
@@ -928,6 +941,31 @@ url = "postgres://postgres@127.0.0.1:5432/test"
                 "admin.enabled",
                 "invalid type",
             ),
+            (
+                "retention",
+                r#"inbox = "1s""#,
+                "retention.inbox",
+                "between 1m and",
+            ),
+            (
+                "retention",
+                r#"dead-letters = "forever""#,
+                "retention.dead-letters",
+                "",
+            ),
+            (
+                "retention",
+                r#"dead-letters = "20years""#,
+                "retention.dead-letters",
+                "between 1m and",
+            ),
+            (
+                "retention",
+                r#"archive = "1h""#,
+                "retention.archive",
+                "between 1day and",
+            ),
+            ("relay", "archive = 1", "relay.archive", "invalid type"),
         ];
         let named: std::collections::HashSet<&str> = cases.iter().map(|c| c.2).collect();
         let reference: toml::Table = toml::from_str(include_str!("../reference.toml")).unwrap();

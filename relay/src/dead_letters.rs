@@ -1,5 +1,5 @@
 //! Dead letters written by the inbox (`consign_dead_letters`): list,
-//! requeue, purge; and retention of the inbox's dedup records.
+//! requeue, purge.
 //!
 //! **Requeue** puts a dead letter back on its topic *through the outbox*, in
 //! one transaction: the letter is deleted, the consumer's dedup record of
@@ -8,8 +8,6 @@
 //! user headers is inserted. The relay then publishes it like any event.
 //! Other consumers of the topic handled the message already and skip it as
 //! a duplicate. A requeued message comes after the key's later events.
-
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use consign_outbox::partition_for;
@@ -346,57 +344,6 @@ pub async fn purge(pool: &PgPool, selection: &Selection) -> sqlx::Result<u64> {
     let mut query = QueryBuilder::new("DELETE FROM consign_dead_letters");
     selection.push_where(&mut query);
     Ok(query.build().execute(pool).await?.rows_affected())
-}
-
-/// What [`cleanup`] removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct Cleaned {
-    /// Inbox dedup records older than the inbox retention.
-    pub inbox_records: u64,
-    /// Dead letters older than the dead-letter retention.
-    pub dead_letters: u64,
-}
-
-/// Deletes inbox dedup records handled more than `inbox` ago and, if
-/// given, dead letters that failed more than `dead_letters` ago. Ages are
-/// measured on the database clock.
-///
-/// Dropping old dedup records is safe because consumers resume from the
-/// offsets stored with them: a message is only redelivered from after the
-/// stored offset, so only a producer-side duplicate arriving later than the
-/// retention could be handled twice. Keep the retention well above the
-/// longest outage a duplicate could span (default 7 days).
-///
-/// # Errors
-/// On a database error.
-pub async fn cleanup(
-    pool: &PgPool,
-    inbox: Duration,
-    dead_letters: Option<Duration>,
-) -> sqlx::Result<Cleaned> {
-    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    let inbox_records = sqlx::query(
-        "DELETE FROM consign_inbox WHERE handled_at < now() - $1 * interval '1 millisecond'",
-    )
-    .bind(millis(inbox))
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let dead_letters = match dead_letters {
-        Some(age) => sqlx::query(
-            "DELETE FROM consign_dead_letters WHERE failed_at < now() - $1 * interval '1 millisecond'",
-        )
-        .bind(millis(age))
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        None => 0,
-    };
-    Ok(Cleaned {
-        inbox_records,
-        dead_letters,
-    })
 }
 
 #[cfg(test)]

@@ -141,7 +141,12 @@ pub(crate) struct Sampler {
     pub(crate) kafka: ClientConfig,
     pub(crate) interval: Duration,
     pub(crate) health: Health,
+    /// Keep the archive's day partitions created ahead.
+    pub(crate) archive: bool,
 }
+
+/// How often archive partitions are created ahead.
+const ARCHIVE_UPKEEP: Duration = Duration::from_secs(3600);
 
 impl Sampler {
     pub(crate) async fn run(self, stop: CancellationToken) {
@@ -155,7 +160,16 @@ impl Sampler {
                 None
             }
         };
+        let mut archive_upkeep: Option<Instant> = None;
         while !stop.is_cancelled() {
+            if self.archive && archive_upkeep.is_none_or(|at| at.elapsed() >= ARCHIVE_UPKEEP) {
+                match crate::retention::ensure_archive_partitions(&self.pool).await {
+                    Ok(()) => archive_upkeep = Some(Instant::now()),
+                    Err(error) => {
+                        warn!(%error, "could not create archive partitions; rows go to the default partition meanwhile");
+                    }
+                }
+            }
             let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
             let database = match database {
                 Ok(Ok(())) => Ok(()),

@@ -62,6 +62,7 @@ pub mod lease;
 pub mod metrics;
 mod publish;
 mod relay;
+pub mod retention;
 pub mod status;
 mod store;
 mod txn;

@@ -145,6 +145,11 @@ impl Relay {
             transactions = self.settings.transactions,
             "relay started"
         );
+        if self.settings.archive
+            && let Err(error) = crate::retention::ensure_archive_partitions(&self.pool).await
+        {
+            warn!(%error, "could not create archive partitions; rows go to the default partition meanwhile");
+        }
         let stop_coordinator = CancellationToken::new();
         let coordinator = tokio::spawn(
             Coordinator::new(
@@ -358,7 +363,9 @@ impl Relay {
             let mut conn = self.pool.acquire().await?;
             let mut deleted = 0;
             if !delivered.is_empty() {
-                deleted = store::delete_published(&mut conn, fence, &delivered).await?;
+                deleted =
+                    store::delete_published(&mut conn, fence, &delivered, self.settings.archive)
+                        .await?;
             }
             if !failures.is_empty() {
                 store::record_failures(&mut conn, fence, &failures).await?;

@@ -58,6 +58,21 @@ DELETE FROM consign_outbox o
 WHERE o.seq = ANY($4) AND o.partition = ANY(ARRAY(SELECT partition FROM fence))"
 );
 
+/// Like [`DELETE_PUBLISHED`], moving the rows to the archive.
+const ARCHIVE_PUBLISHED: &str = fenced!(
+    ",
+deleted AS (
+    DELETE FROM consign_outbox o
+    WHERE o.seq = ANY($4) AND o.partition = ANY(ARRAY(SELECT partition FROM fence))
+    RETURNING o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
+              o.traceparent, o.tracestate, o.created_at, o.attempts
+)
+INSERT INTO consign_outbox_archive
+    (seq, id, partition, topic, key, event_type, payload, headers,
+     traceparent, tracestate, created_at, attempts)
+SELECT * FROM deleted"
+);
+
 /// Records failed attempts: error text and the time of the next try.
 const RECORD_FAILURES: &str = fenced!(
     "
@@ -151,15 +166,22 @@ impl Fence<'_> {
     }
 }
 
-/// Deletes acknowledged rows of partitions `fence` still holds. Returns how
-/// many were deleted; rows of lost partitions stay for their new owner.
+/// Deletes (or with `archive`, moves to the archive) acknowledged rows of
+/// partitions `fence` still holds. Returns how many; rows of lost
+/// partitions stay for their new owner.
 pub(crate) async fn delete_published(
     conn: &mut PgConnection,
     fence: Fence<'_>,
     seqs: &[i64],
+    archive: bool,
 ) -> sqlx::Result<u64> {
+    let statement = if archive {
+        ARCHIVE_PUBLISHED
+    } else {
+        DELETE_PUBLISHED
+    };
     let done = fence
-        .bind(sqlx::query(DELETE_PUBLISHED))
+        .bind(sqlx::query(statement))
         .bind(seqs)
         .execute(conn)
         .await?;
