@@ -52,8 +52,8 @@ enum Command {
     /// List, requeue or purge the dead letters of inbox consumers.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
-    /// Delete inbox dedup records (and, if configured, dead letters) older
-    /// than the [retention] settings.
+    /// Delete inbox dedup records, dead letters (if configured) and archive
+    /// partitions older than the [retention] settings.
     Cleanup {
         /// Override retention.inbox (e.g. 7days, 12h).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -178,6 +178,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
+            if let Error::Database(sqlx::Error::Database(db)) = &error
+                && db.code().as_deref() == Some("42P01")
+            {
+                eprintln!("hint: consign's tables are missing; run `consign-relay migrate` first");
+            }
             ExitCode::FAILURE
         }
     }
