@@ -6,52 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consign::inbox::{
-    BoxError, ConsumerError, Delivery, InboxConsumer, InboxLayer, InboxStats, MissingId,
-    RetryPolicy,
-};
-use consign_test_support::effects::{self, TestMessage, produce, tally};
+use consign::inbox::{BoxError, Delivery, InboxLayer, InboxStats, MissingId, RetryPolicy};
+use consign_test_support::effects::{self, Running, TestMessage, produce, tally};
 use consign_test_support::{TestBroker, TopicReader, db, eventually, unique_topic};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A consumer running in this process.
-struct Running {
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ConsumerError>>,
-}
-
-impl Running {
-    fn start<S>(inbox: &InboxLayer, service: S, bootstrap: &str, topic: &str) -> Self
-    where
-        S: Service<Vec<consign::inbox::Received>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-    {
-        let consumer = InboxConsumer::builder(inbox)
-            .topic(topic)
-            .kafka("bootstrap.servers", bootstrap)
-            .kafka("session.timeout.ms", "6000")
-            .kafka("heartbeat.interval.ms", "300")
-            .max_batch(200)
-            .build()
-            .unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer.run(service, shutdown.clone()));
-        Self { shutdown, task }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 fn fast_retries() -> RetryPolicy {
     RetryPolicy {

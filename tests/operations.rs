@@ -11,11 +11,11 @@ use std::{
 
 use consign::{
     Relay,
-    inbox::{BoxError, Delivery, InboxConsumer, InboxLayer, RetryPolicy},
+    inbox::{BoxError, Delivery, InboxLayer, RetryPolicy},
 };
 use consign_test_support::{
     RelayProcess, TestBroker, db,
-    effects::{self, TestMessage, produce},
+    effects::{self, Running, TestMessage, produce},
     eventually, fast_relay_settings,
     net::{TcpProxy, http_get, prometheus_value},
     relay_config,
@@ -24,7 +24,6 @@ use consign_test_support::{
 };
 use rdkafka::types::RDKafkaRespErr;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use uuid::Uuid;
 
@@ -293,15 +292,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
                     effects::record(delivery).await
                 }
             });
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(
-        InboxConsumer::builder(&inbox)
-            .topic(&topic)
-            .kafka("bootstrap.servers", broker.bootstrap())
-            .build()
-            .unwrap()
-            .run(service, stop.clone()),
-    );
+    let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
     let stats = eventually(
         "19 handled, 1 dead-lettered, 3 duplicates",
         WAIT,
@@ -394,8 +385,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     let (ok, again) = admin_command(&config, &["dead-letters", "requeue", "--all"]);
     assert!(ok && again.contains("0 requeued"), "{again}");
     relay.shutdown().await.unwrap();
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
     assert_eq!(effects::tally(&pool).await.unwrap().effects, 20);
 }
 

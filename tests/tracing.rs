@@ -9,17 +9,16 @@ use std::{
 
 use consign::{
     Message, Outbox, Relay,
-    inbox::{Delivery, InboxConsumer, InboxLayer},
+    inbox::{Delivery, InboxLayer},
 };
 use consign_test_support::{
     TestBroker, TopicReader,
-    effects::{self, TestMessage},
+    effects::{self, Running, TestMessage},
     eventually, fast_relay_settings, unique_topic,
 };
 use opentelemetry::trace::{TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -98,22 +97,13 @@ async fn one_trace_spans_enqueue_relay_and_handler(pool: PgPool) {
                     effects::record(delivery).await
                 }
             });
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(
-        InboxConsumer::builder(&inbox)
-            .topic(&topic)
-            .kafka("bootstrap.servers", broker.bootstrap())
-            .build()
-            .unwrap()
-            .run(service, stop.clone()),
-    );
+    let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
     eventually("both messages handled", WAIT, || async {
         Ok((inbox.stats().handled == 2).then_some(()))
     })
     .await
     .unwrap();
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
     relay.shutdown().await.unwrap();
     let seen = seen.lock().unwrap().clone();
     let trace_of = |id| seen.iter().find(|(m, _)| *m == id).unwrap().1;

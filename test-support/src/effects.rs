@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use consign_inbox::{BoxError, Delivery};
+use consign_inbox::{BoxError, ConsumerError, Delivery, InboxConsumer, InboxLayer, Received};
 use rdkafka::{
     ClientConfig,
     message::{Header, OwnedHeaders},
@@ -13,7 +13,53 @@ use rdkafka::{
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// An `InboxConsumer` running in this process (short session timeout and
+/// heartbeats so group changes are quick; batches of up to 200).
+pub struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ConsumerError>>,
+}
+
+impl Running {
+    /// Starts consuming `topic` with `service` behind `inbox`.
+    ///
+    /// # Panics
+    /// If the consumer cannot be built.
+    pub fn start<S>(inbox: &InboxLayer, service: S, bootstrap: &str, topic: &str) -> Self
+    where
+        S: tower::Service<Vec<Received>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+    {
+        let consumer = InboxConsumer::builder(inbox)
+            .topic(topic)
+            .kafka("bootstrap.servers", bootstrap)
+            .kafka("session.timeout.ms", "6000")
+            .kafka("heartbeat.interval.ms", "300")
+            .max_batch(200)
+            .build()
+            .expect("consumer settings are valid");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(service, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    /// Stops the consumer and waits for it.
+    ///
+    /// # Panics
+    /// If the consumer task failed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("consumer task")
+            .expect("consumer ran without error");
+    }
+}
 
 /// The payload of a test message: its key and its number within the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
