@@ -96,9 +96,20 @@ async fn run(options: PgConnectOptions) -> Result<()> {
         "CREATE TABLE bench_orders (id bigint PRIMARY KEY, customer text NOT NULL, total_cents bigint NOT NULL)",
     )
     .await?;
+    // As in `consign-relay run`, every figure includes recording metrics,
+    // unless BENCH_METRICS=0 (to measure what recording costs).
+    let metrics = env_number("BENCH_METRICS", 1) != 0;
+    if metrics {
+        consign::relay::metrics::install_prometheus().map_err(anyhow::Error::msg)?;
+    }
     println!(
-        "consign benchmarks ({} CPUs)\n",
-        std::thread::available_parallelism()?
+        "consign benchmarks ({} CPUs, Prometheus recorder {})\n",
+        std::thread::available_parallelism()?,
+        if metrics {
+            "installed"
+        } else {
+            "not installed"
+        }
     );
     transactions(&pool).await?;
     drain(&pool).await?;
@@ -264,33 +275,19 @@ async fn drain(pool: &PgPool) -> Result<()> {
         payload.len()
     );
     let fill_rate = fill_backlog(pool, backlog, &payload).await?;
-
     let cluster = mock_cluster()?;
-    let published = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&published);
-    let started = Instant::now();
-    let relay = Relay::builder(pool.clone())
-        .kafka("bootstrap.servers", cluster.bootstrap_servers())
-        .on_published(move |ids| {
-            counter.fetch_add(ids.len() as u64, Ordering::Relaxed);
-        })
-        .build()?
-        .spawn();
-    while published.load(Ordering::Relaxed) < backlog {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let drained = started.elapsed();
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
-        .fetch_one(pool)
-        .await?;
-    let stats = relay.stats();
-    relay.shutdown().await?;
-    let relay_rate = backlog as f64 / drained.as_secs_f64();
+    let (relay_rate, batches, left) = relay_drain(pool, &cluster, backlog, false).await?;
+    fill_backlog(pool, backlog, &payload).await?;
+    let (archive_rate, _, archive_left) = relay_drain(pool, &cluster, backlog, true).await?;
 
     let raw_rate = raw_producer(&cluster.bootstrap_servers(), backlog, &payload).await?;
     println!(
-        "    {:<40} {:>9.0} events/s   ({} batches, {left} rows left)",
-        "consign relay (batch 1000)", relay_rate, stats.batches
+        "    {:<40} {:>9.0} events/s   ({batches} batches, {left} rows left)",
+        "consign relay (batch 1000)", relay_rate
+    );
+    println!(
+        "    {:<40} {:>9.0} events/s   (rows moved to the day-partitioned archive, {archive_left} left)",
+        "consign relay, relay.archive = true", archive_rate
     );
     println!(
         "    {:<40} {:>9.0} events/s   (same messages from memory, no database)",
@@ -305,6 +302,37 @@ async fn drain(pool: &PgPool) -> Result<()> {
         relay_rate / raw_rate
     );
     Ok(())
+}
+
+/// Runs a relay until `backlog` events are acknowledged. Returns events per
+/// second, batches, and rows left in the outbox.
+async fn relay_drain(
+    pool: &PgPool,
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    backlog: u64,
+    archive: bool,
+) -> Result<(f64, u64, i64)> {
+    let published = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&published);
+    let started = Instant::now();
+    let relay = Relay::builder(pool.clone())
+        .kafka("bootstrap.servers", cluster.bootstrap_servers())
+        .archive(archive)
+        .on_published(move |ids| {
+            counter.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        })
+        .build()?
+        .spawn();
+    while published.load(Ordering::Relaxed) < backlog {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = started.elapsed();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
+        .fetch_one(pool)
+        .await?;
+    let stats = relay.stats();
+    relay.shutdown().await?;
+    Ok((backlog as f64 / drained.as_secs_f64(), stats.batches, left))
 }
 
 /// Writes `backlog` events of `payload` over 1000 keys, 5000 per
