@@ -98,21 +98,20 @@ impl Shared {
         }
         let c = &self.counters;
         let (counter, outcome) = match what {
-            Counted::Handled => (&c.handled, "handled"),
-            Counted::Duplicate => (&c.duplicates, "duplicate"),
-            Counted::DeadLettered => (&c.dead_lettered, "dead_lettered"),
-            Counted::FailedAttempt => {
-                c.failed_attempts.fetch_add(n, Ordering::Relaxed);
-                let consumer = self.consumer.clone();
-                metrics::counter!(crate::metrics::FAILED_ATTEMPTS, "consumer" => consumer)
-                    .increment(n);
-                return;
-            }
+            Counted::Handled => (&c.handled, Some("handled")),
+            Counted::Duplicate => (&c.duplicates, Some("duplicate")),
+            Counted::DeadLettered => (&c.dead_lettered, Some("dead_lettered")),
+            Counted::FailedAttempt => (&c.failed_attempts, None),
         };
         counter.fetch_add(n, Ordering::Relaxed);
         let consumer = self.consumer.clone();
-        metrics::counter!(crate::metrics::MESSAGES, "consumer" => consumer, "outcome" => outcome)
-            .increment(n);
+        match outcome {
+            Some(outcome) => metrics::counter!(
+                crate::metrics::MESSAGES, "consumer" => consumer, "outcome" => outcome
+            ),
+            None => metrics::counter!(crate::metrics::FAILED_ATTEMPTS, "consumer" => consumer),
+        }
+        .increment(n);
     }
 }
 

@@ -197,6 +197,7 @@ impl RelayBuilder {
             interval: self.sample_interval,
             health: Health::default(),
             archive: self.settings.archive,
+            archive_upkept: None,
         };
         Ok(Relay::new(
             self.pool,

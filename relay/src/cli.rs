@@ -201,9 +201,8 @@ async fn execute(cli: Cli) -> Result<()> {
             archive_older_than,
             json,
         } => {
-            config.database.validate()?;
             config.retention.validate()?;
-            let pool = config.database.connect_lazy()?;
+            let pool = database(&config)?;
             let mut retention =
                 Retention::inbox(inbox_older_than.unwrap_or(config.retention.inbox));
             retention.dead_letters = dead_letters_older_than.or(config.retention.dead_letters);
@@ -248,8 +247,7 @@ async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Config(ConfigCommand::Show { json }) => {
             if json {
-                let text = serde_json::to_string_pretty(&config.redacted());
-                println!("{}", text.expect("the configuration serializes to JSON"));
+                print_json(&config.redacted());
             } else {
                 print!("{}", config.to_redacted_toml());
             }
@@ -285,9 +283,14 @@ async fn run(config: Config) -> Result<()> {
     relay.run(shutdown).await
 }
 
-async fn migrate(config: &Config) -> Result<()> {
+/// The pool of `[database]`, after checking that section.
+fn database(config: &Config) -> Result<sqlx::PgPool> {
     config.database.validate()?;
-    let pool = config.database.connect_lazy()?;
+    config.database.connect_lazy()
+}
+
+async fn migrate(config: &Config) -> Result<()> {
+    let pool = database(config)?;
     consign_outbox::migrate(&pool).await?;
     let latest = consign_outbox::MIGRATOR
         .iter()
@@ -304,8 +307,7 @@ fn print_json(value: &impl serde::Serialize) {
 }
 
 async fn dead_letter_command(config: &Config, command: DeadLetterCommand) -> Result<()> {
-    config.database.validate()?;
-    let pool = config.database.connect_lazy()?;
+    let pool = database(config)?;
     match command {
         DeadLetterCommand::List {
             select,
@@ -367,15 +369,9 @@ async fn dead_letter_command(config: &Config, command: DeadLetterCommand) -> Res
 }
 
 async fn status(config: &Config, json: bool) -> Result<()> {
-    config.database.validate()?;
-    let pool = config.database.connect_lazy()?;
-    let status = crate::status::status(&pool).await?;
+    let status = crate::status::status(&database(config)?).await?;
     if json {
-        let text = serde_json::to_string_pretty(&status);
-        println!(
-            "{}",
-            text.expect("Status holds only plain, serializable fields")
-        );
+        print_json(&status);
     } else {
         print!("{}", status.to_table());
     }

@@ -59,10 +59,9 @@ impl Stats {
         metrics::counter!(crate::metrics::FENCED_ROWS).increment(rows);
     }
 
-    /// Returns whether the number changed.
-    pub(crate) fn set_partitions(&self, partitions: usize) -> bool {
+    pub(crate) fn set_partitions(&self, partitions: usize) {
         let partitions = u64::try_from(partitions).unwrap_or(u64::MAX);
-        self.partitions.swap(partitions, Ordering::Relaxed) != partitions
+        self.partitions.store(partitions, Ordering::Relaxed);
     }
 
     pub(crate) fn record_error(&self) {

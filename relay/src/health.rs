@@ -143,13 +143,33 @@ pub(crate) struct Sampler {
     pub(crate) health: Health,
     /// Keep the archive's day partitions created ahead.
     pub(crate) archive: bool,
+    /// When the archive partitions were last created ahead.
+    pub(crate) archive_upkept: Option<Instant>,
 }
 
 /// How often archive partitions are created ahead.
 const ARCHIVE_UPKEEP: Duration = Duration::from_secs(3600);
 
 impl Sampler {
-    pub(crate) async fn run(self, stop: CancellationToken) {
+    /// Creates the archive's partitions ahead if archiving and the last
+    /// upkeep is older than [`ARCHIVE_UPKEEP`] (or never succeeded).
+    pub(crate) async fn upkeep_archive(&mut self) {
+        if !self.archive
+            || self
+                .archive_upkept
+                .is_some_and(|at| at.elapsed() < ARCHIVE_UPKEEP)
+        {
+            return;
+        }
+        match crate::retention::ensure_archive_partitions(&self.pool).await {
+            Ok(()) => self.archive_upkept = Some(Instant::now()),
+            Err(error) => {
+                warn!(%error, "could not create archive partitions; rows go to the default partition meanwhile");
+            }
+        }
+    }
+
+    pub(crate) async fn run(mut self, stop: CancellationToken) {
         let timeout = self
             .interval
             .clamp(Duration::from_millis(500), Duration::from_secs(5));
@@ -160,16 +180,8 @@ impl Sampler {
                 None
             }
         };
-        let mut archive_upkeep: Option<Instant> = None;
         while !stop.is_cancelled() {
-            if self.archive && archive_upkeep.is_none_or(|at| at.elapsed() >= ARCHIVE_UPKEEP) {
-                match crate::retention::ensure_archive_partitions(&self.pool).await {
-                    Ok(()) => archive_upkeep = Some(Instant::now()),
-                    Err(error) => {
-                        warn!(%error, "could not create archive partitions; rows go to the default partition meanwhile");
-                    }
-                }
-            }
+            self.upkeep_archive().await;
             let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
             let database = match database {
                 Ok(Ok(())) => Ok(()),

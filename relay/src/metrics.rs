@@ -9,8 +9,6 @@
 //!
 //! [`RelayBuilder::sample_interval`]: crate::RelayBuilder::sample_interval
 
-use std::time::Duration;
-
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rdkafka::error::KafkaError;
@@ -143,10 +141,6 @@ pub(crate) fn partitions_owned(owned: &[i16]) {
             0.0
         });
     }
-}
-
-pub(crate) fn seconds(duration: Duration) -> f64 {
-    duration.as_secs_f64()
 }
 
 #[cfg(test)]

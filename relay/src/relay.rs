@@ -145,10 +145,9 @@ impl Relay {
             transactions = self.settings.transactions,
             "relay started"
         );
-        if self.settings.archive
-            && let Err(error) = crate::retention::ensure_archive_partitions(&self.pool).await
-        {
-            warn!(%error, "could not create archive partitions; rows go to the default partition meanwhile");
+        // Before the first batch, so no row lands in the default partition.
+        if let Some(sampler) = &mut self.sampler {
+            sampler.upkeep_archive().await;
         }
         let stop_coordinator = CancellationToken::new();
         let coordinator = tokio::spawn(
@@ -170,10 +169,9 @@ impl Relay {
         if let Err(error) = coordinator.await {
             warn!(%error, "lease coordinator task failed");
         }
-        if let Some(Err(error)) = match sampler {
-            Some(task) => Some(task.await),
-            None => None,
-        } {
+        if let Some(task) = sampler
+            && let Err(error) = task.await
+        {
             warn!(%error, "health sampler task failed");
         }
         self.leave().await;
@@ -271,7 +269,8 @@ impl Relay {
         if let Publishers::PerPartition(transactional) = &mut self.publisher {
             owned = transactional.sync(&self.pool, &owned).await;
         }
-        if self.stats.set_partitions(owned.len()) || owned.keys().ne(self.last_owned.iter()) {
+        self.stats.set_partitions(owned.len());
+        if owned.keys().ne(self.last_owned.iter()) {
             self.last_owned = owned.keys().copied().collect();
             crate::metrics::partitions_owned(&self.last_owned);
         }
@@ -340,7 +339,7 @@ impl Relay {
                     delivered.push(row.seq);
                     delivered_ids.push(row.id);
                     let latency = (acked_at - row.created_at).to_std().unwrap_or_default();
-                    commit_to_ack.record(crate::metrics::seconds(latency));
+                    commit_to_ack.record(latency.as_secs_f64());
                 }
                 Outcome::Failed { kind, error } => {
                     crate::metrics::publish_error(kind);
