@@ -10,6 +10,8 @@
 //! - [`effects`]: a countable handler effect and a producer for inbox tests.
 //! - [`stream`]: a keyed event stream and the check that it arrived in order.
 //! - [`net`]: a TCP proxy that cuts connections, HTTP GET, Prometheus text.
+//! - [`tap`]: a Kafka protocol tap that shows what each transaction produced
+//!   and whether it committed.
 
 pub mod db;
 pub mod effects;
@@ -18,6 +20,7 @@ pub mod net;
 mod process;
 mod reader;
 pub mod stream;
+pub mod tap;
 
 pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions};
 pub use process::{
