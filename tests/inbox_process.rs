@@ -56,7 +56,7 @@ async fn consumer_killed_with_sigkill_at_random_points_ends_exact(pool: PgPool) 
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", consumer.output()));
-    let status = consumer.terminate(Duration::from_secs(30)).unwrap();
+    let status = consumer.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "{}", consumer.output());
 
     let t = tally(&pool).await.unwrap();

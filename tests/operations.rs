@@ -61,7 +61,13 @@ async fn secrets_never_appear_in_logs_or_printed_config(pool: PgPool) {
     db::wait_drained(&pool, Duration::from_secs(60))
         .await
         .unwrap();
-    assert!(relay.terminate(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        relay
+            .terminate(Duration::from_secs(20))
+            .await
+            .unwrap()
+            .success()
+    );
     let mut outputs = vec![("run", relay.output())];
     assert!(outputs[0].1.contains("relay stopped"), "{}", outputs[0].1);
     println!("{} events relayed with trace logging", ids.len());
@@ -76,7 +82,7 @@ async fn secrets_never_appear_in_logs_or_printed_config(pool: PgPool) {
         ("status", &config, &["status"]),
     ] {
         let mut command = RelayProcess::start_with(config, args, &debug).unwrap();
-        command.wait(Duration::from_secs(30)).unwrap();
+        command.wait(Duration::from_secs(30)).await.unwrap();
         outputs.push((name, command.output()));
     }
     assert!(outputs[1].1.contains("REDACTED"), "{}", outputs[1].1);
@@ -232,7 +238,13 @@ async fn metrics_move_with_events_and_readiness_follows_postgres_and_kafka(pool:
     mock.all_up().unwrap();
     readiness_until(admin, 200).await;
     assert_eq!(http_get(admin, "/health").await.unwrap().0, 200);
-    assert!(relay.terminate(Duration::from_secs(20)).unwrap().success());
+    assert!(
+        relay
+            .terminate(Duration::from_secs(20))
+            .await
+            .unwrap()
+            .success()
+    );
 }
 
 /// The Prometheus recorder of this test process (installed once).
@@ -246,9 +258,9 @@ fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
 }
 
 /// Runs a `consign-relay` admin command to completion; returns its output.
-fn admin_command(config: &str, args: &[&str]) -> (bool, String) {
+async fn admin_command(config: &str, args: &[&str]) -> (bool, String) {
     let mut command = RelayProcess::start_with(config, args, &[]).unwrap();
-    let status = command.wait(Duration::from_secs(30)).unwrap();
+    let status = command.wait(Duration::from_secs(30)).await.unwrap();
     (status.success(), command.output())
 }
 
@@ -328,7 +340,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     // The admin CLI shows the letter; requeue needs a selection.
     broken.store(false, Ordering::SeqCst);
     let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[]);
-    let (ok, listed) = admin_command(&config, &["dead-letters", "list", "--json"]);
+    let (ok, listed) = admin_command(&config, &["dead-letters", "list", "--json"]).await;
     assert!(ok, "{listed}");
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
@@ -340,14 +352,14 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
             .unwrap()
             .contains("inventory service unavailable")
     );
-    let (ok, table) = admin_command(&config, &["dead-letters", "list"]);
+    let (ok, table) = admin_command(&config, &["dead-letters", "list"]).await;
     assert!(
         ok && table.contains("1 dead letters") && table.contains("key-2"),
         "{table}"
     );
-    let (ok, refused) = admin_command(&config, &["dead-letters", "requeue"]);
+    let (ok, refused) = admin_command(&config, &["dead-letters", "requeue"]).await;
     assert!(!ok && refused.contains("--all"), "{refused}");
-    let (ok, status) = admin_command(&config, &["status"]);
+    let (ok, status) = admin_command(&config, &["status"]).await;
     assert!(ok && status.contains("dead letters: 1"), "{status}");
 
     let (ok, requeued) = admin_command(
@@ -360,9 +372,10 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
             "--key",
             "key-2",
         ],
-    );
+    )
+    .await;
     assert!(ok && requeued.contains("1 requeued, 0 kept"), "{requeued}");
-    let (_, listed) = admin_command(&config, &["dead-letters", "list"]);
+    let (_, listed) = admin_command(&config, &["dead-letters", "list"]).await;
     assert!(listed.contains("0 dead letters"), "{listed}");
 
     // The relay ships it; the consumer that gave up handles it, once.
@@ -382,7 +395,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     assert_eq!((tally.effects, tally.distinct), (20, 20), "{tally:?}");
     assert_eq!(series(messages_total, Some("handled")), Some(20.0));
     // Requeueing again finds nothing; the message stays handled once.
-    let (ok, again) = admin_command(&config, &["dead-letters", "requeue", "--all"]);
+    let (ok, again) = admin_command(&config, &["dead-letters", "requeue", "--all"]).await;
     assert!(ok && again.contains("0 requeued"), "{again}");
     relay.shutdown().await.unwrap();
     running.stop().await;
@@ -420,7 +433,8 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
     }
     let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
 
-    let (ok, out) = admin_command(&config, &["cleanup", "--inbox-older-than", "1h", "--json"]);
+    let (ok, out) =
+        admin_command(&config, &["cleanup", "--inbox-older-than", "1h", "--json"]).await;
     assert!(ok, "{out}");
     let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(cleaned["inbox_records"], 2, "{out}");
@@ -440,7 +454,7 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
     );
 
     let with_letters = config.clone() + "\n[retention]\ndead-letters = \"7days\"\n";
-    let (ok, out) = admin_command(&with_letters, &["cleanup", "--inbox-older-than", "1h"]);
+    let (ok, out) = admin_command(&with_letters, &["cleanup", "--inbox-older-than", "1h"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("deleted 0 inbox records older than 1h"),
@@ -456,7 +470,7 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
         .unwrap();
     assert_eq!(letters, ["1 day"]);
     // The default inbox retention (7 days) keeps everything that is left.
-    let (ok, out) = admin_command(&config, &["cleanup", "--json"]);
+    let (ok, out) = admin_command(&config, &["cleanup", "--json"]).await;
     assert!(ok && out.contains("\"inbox_records\": 0"), "{out}");
 }
 
@@ -531,7 +545,8 @@ async fn archived_rows_are_kept_by_day_and_old_days_are_dropped_whole(pool: PgPo
     let (ok, out) = admin_command(
         &config,
         &["cleanup", "--archive-older-than", "7days", "--json"],
-    );
+    )
+    .await;
     assert!(ok, "{out}");
     let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -552,7 +567,7 @@ async fn archived_rows_are_kept_by_day_and_old_days_are_dropped_whole(pool: PgPo
         "today's rows stay"
     );
     // The default retention (30 days) drops nothing more.
-    let (ok, out) = admin_command(&config, &["cleanup"]);
+    let (ok, out) = admin_command(&config, &["cleanup"]).await;
     assert!(
         ok && out.contains("dropped 0 archive partitions older than 30days"),
         "{out}"

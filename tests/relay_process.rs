@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use consign_test_support::{
-    RelayProcess, TestBroker, TopicReader, db, relay_config,
+    RelayProcess, TestBroker, TopicReader, db, eventually,
+    net::TcpProxy,
+    relay_config,
     stream::{Stream, assert_complete_and_ordered, write_stream},
     unique_topic,
 };
@@ -70,7 +72,7 @@ async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool) 
         reader.duplicates()
     );
     assert_complete_and_ordered(&ids, &reader);
-    relay.terminate(Duration::from_secs(20)).unwrap();
+    relay.terminate(Duration::from_secs(20)).await.unwrap();
 }
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]
@@ -95,7 +97,7 @@ async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool) {
     let mut relay = RelayProcess::start(&config).unwrap();
     let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     reader.read_distinct(100, WAIT).await.unwrap();
-    let status = relay.terminate(Duration::from_secs(30)).unwrap();
+    let status = relay.terminate(Duration::from_secs(30)).await.unwrap();
     let output = relay.output();
     assert!(status.success(), "exit status {status:?}\n{output}");
     assert!(output.contains("relay stopped"), "{output}");
@@ -106,7 +108,84 @@ async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool) {
     let mut relay = RelayProcess::start(&config).unwrap();
     reader.read_distinct(ids.len(), WAIT).await.unwrap();
     assert_complete_and_ordered(&ids, &reader);
-    relay.terminate(Duration::from_secs(20)).unwrap();
+    relay.terminate(Duration::from_secs(20)).await.unwrap();
+}
+
+/// A database that stops answering (a query waiting on a lock, then
+/// connections gone silent as in a hung server or a partition that drops
+/// packets) cannot hold a stopping relay: the batch stuck in its query is
+/// abandoned after `shutdown-timeout` plus 5 s, lease upkeep and sampling
+/// are dropped, the relay exits 0, and a successor delivers everything.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn sigterm_while_postgres_hangs_exits_and_loses_nothing(pool: PgPool) {
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("pghang");
+    broker.create_topic(&topic, 3).await.unwrap();
+    let options = pool.connect_options();
+    let target = format!("{}:{}", options.get_host(), options.get_port());
+    let proxy = TcpProxy::start(target.parse().unwrap()).await.unwrap();
+    let mut url = url::Url::parse(&db::url(&pool)).unwrap();
+    url.set_port(Some(proxy.address().port())).unwrap();
+    // Connections to spare, so the publishing loop gets stuck in its query
+    // rather than waiting for a connection (which times out by itself).
+    let proxied = relay_config(
+        url.as_str(),
+        broker.bootstrap(),
+        &[("batch-size", "200")],
+        &[],
+    )
+    .replace("[database]\n", "[database]\nmax-connections = 8\n");
+
+    let writer = tokio::spawn(write_stream(
+        pool.clone(),
+        topic.clone(),
+        Stream::new(3000, 30)
+            .per_tx(10)
+            .pace(Duration::from_millis(2)),
+    ));
+    let mut relay = RelayProcess::start(&proxied).unwrap();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    reader.read_distinct(100, WAIT).await.unwrap();
+    // Mid-stream a migration-like lock holds the outbox: the relay's next
+    // read (within one poll interval) waits on it. Then its connections go
+    // silent as well (lease upkeep, health checks, the final release).
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE consign_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    eventually("the relay's read waits on the lock", WAIT, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((waiting > 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    proxy.freeze();
+    let stopping = std::time::Instant::now();
+    let status = relay.terminate(Duration::from_secs(40)).await.unwrap();
+    let output = relay.output();
+    println!("stopped in {:?} with PostgreSQL silent", stopping.elapsed());
+    assert!(status.success(), "exit status {status:?}\n{output}");
+    assert!(output.contains("abandoning it"), "{output}");
+    assert!(output.contains("relay stopped"), "{output}");
+    lock.rollback().await.unwrap();
+
+    let ids = writer.await.unwrap();
+    let direct = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[]);
+    let mut successor = RelayProcess::start(&direct).unwrap();
+    reader.read_distinct(ids.len(), WAIT).await.unwrap();
+    assert_complete_and_ordered(&ids, &reader);
+    println!(
+        "{} events delivered, {} duplicates",
+        reader.distinct(),
+        reader.duplicates()
+    );
+    successor.terminate(Duration::from_secs(20)).await.unwrap();
 }
 
 #[sqlx::test(migrations = false)]
@@ -162,14 +241,14 @@ async fn invalid_configuration_exits_nonzero_naming_the_field(pool: PgPool) {
     ];
     for (field, config, env) in cases {
         let mut relay = RelayProcess::start_with(&config, &["run"], env).unwrap();
-        let status = relay.wait(Duration::from_secs(20)).unwrap();
+        let status = relay.wait(Duration::from_secs(20)).await.unwrap();
         let output = relay.output();
         println!("{field}: {}", output.trim());
         assert!(!status.success(), "{field}: exited {status:?}");
         assert!(output.contains(field), "{field} not named in: {output}");
     }
     let mut relay = RelayProcess::start_with("[relay]\nbatch-size = 10\n", &["run"], &[]).unwrap();
-    assert!(!relay.wait(Duration::from_secs(20)).unwrap().success());
+    assert!(!relay.wait(Duration::from_secs(20)).await.unwrap().success());
     assert!(
         relay.output().contains("database.url"),
         "{}",
@@ -183,7 +262,7 @@ async fn migrate_command_creates_the_schema_and_is_idempotent(pool: PgPool) {
     let latest = consign::MIGRATOR.iter().map(|m| m.version).max().unwrap();
     for _ in 0..2 {
         let mut migrate = RelayProcess::start_with(&config, &["migrate"], &[]).unwrap();
-        let status = migrate.wait(Duration::from_secs(30)).unwrap();
+        let status = migrate.wait(Duration::from_secs(30)).await.unwrap();
         assert!(status.success(), "{}", migrate.output());
         assert!(
             migrate

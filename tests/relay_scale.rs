@@ -161,7 +161,7 @@ async fn three_relays_with_a_kill_and_a_join_deliver_50k_events_in_key_order(poo
     );
     assert_complete_and_ordered(&ids, &reader);
     for mut relay in relays {
-        let status = relay.terminate(Duration::from_secs(30)).unwrap();
+        let status = relay.terminate(Duration::from_secs(30)).await.unwrap();
         assert!(status.success(), "{}", relay.output());
     }
 }
@@ -338,7 +338,7 @@ async fn transactions_mode_read_committed_sees_each_batch_whole_or_not_at_all(po
     reader.read_distinct(ids.len(), WAIT).await.unwrap();
     db::wait_drained(&pool, WAIT).await.unwrap();
     reader.read_to_end(WAIT).await.unwrap();
-    relay.terminate(Duration::from_secs(30)).unwrap();
+    relay.terminate(Duration::from_secs(30)).await.unwrap();
     assert_complete_and_ordered(&ids, &reader);
 
     // The wire: which batch each transaction carried, and how it ended.

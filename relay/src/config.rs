@@ -49,7 +49,8 @@ pub struct RelaySettings {
     pub retry_max_delay: Duration,
     /// On shutdown, how long to wait for acknowledgements of the batch in
     /// flight. Rows not acknowledged by then stay and are sent again later.
-    /// Default 10 s.
+    /// The batch then has 5 s more to record its outcome in the database
+    /// before it is abandoned (its rows, too, are sent again). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// How long a relay's partition leases last without renewal; it renews

@@ -170,8 +170,10 @@ impl RelayHandle {
     }
 
     /// Stops the relay: it finishes the batch in flight (waiting at most
-    /// `shutdown-timeout` for acknowledgements), releases its leases and
-    /// returns.
+    /// `shutdown-timeout` for acknowledgements and 5 s more to record them,
+    /// then abandoning it: its rows are sent again later), releases its
+    /// leases and returns. A database that stopped answering cannot hold it
+    /// longer than that.
     ///
     /// # Errors
     /// The error that ended the relay, or [`Error::Task`] if it panicked.

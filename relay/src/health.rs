@@ -181,29 +181,38 @@ impl Sampler {
             }
         };
         while !stop.is_cancelled() {
-            self.upkeep_archive().await;
-            let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
-            let database = match database {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-            };
-            Health::record(
-                &self.health.inner.database,
-                "PostgreSQL",
-                m::DATABASE_UP,
-                database,
-            );
-            let kafka = match &client {
-                Some(client) => check_kafka(Arc::clone(client), timeout).await,
-                None => Err("no Kafka client".into()),
-            };
-            Health::record(&self.health.inner.kafka, "Kafka", m::KAFKA_UP, kafka);
+            tokio::select! {
+                () = self.sample(timeout, client.as_ref()) => {}
+                () = stop.cancelled() => break,
+            }
             tokio::select! {
                 () = tokio::time::sleep(self.interval) => {}
                 () = stop.cancelled() => {}
             }
         }
+    }
+
+    /// One round: archive upkeep (when due), the backlog gauges and both
+    /// dependency checks.
+    async fn sample(&mut self, timeout: Duration, client: Option<&Arc<BaseProducer>>) {
+        self.upkeep_archive().await;
+        let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
+        let database = match database {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
+        Health::record(
+            &self.health.inner.database,
+            "PostgreSQL",
+            m::DATABASE_UP,
+            database,
+        );
+        let kafka = match client {
+            Some(client) => check_kafka(Arc::clone(client), timeout).await,
+            None => Err("no Kafka client".into()),
+        };
+        Health::record(&self.health.inner.kafka, "Kafka", m::KAFKA_UP, kafka);
     }
 }
 

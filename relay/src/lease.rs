@@ -228,8 +228,15 @@ impl Coordinator {
     pub(crate) async fn run(self, stop: CancellationToken) {
         let period = self.ttl / 3;
         while !stop.is_cancelled() {
-            if let Err(error) = self.round().await {
-                warn!(%error, "could not renew partition leases; retrying");
+            // A round stuck on a database that does not answer must not
+            // hold up shutdown: dropping it rolls its transaction back.
+            tokio::select! {
+                result = self.round() => {
+                    if let Err(error) = result {
+                        warn!(%error, "could not renew partition leases; retrying");
+                    }
+                }
+                () = stop.cancelled() => break,
             }
             tokio::select! {
                 () = tokio::time::sleep(period) => {}

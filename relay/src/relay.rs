@@ -131,8 +131,9 @@ impl Relay {
     }
 
     /// Publishes until `shutdown` is cancelled, then finishes the batch in
-    /// flight (waiting at most `shutdown-timeout` for acknowledgements),
-    /// releases its leases and returns. Outages of the database or the
+    /// flight (waiting at most `shutdown-timeout` for acknowledgements and
+    /// 5 s more to record them; past that the batch is abandoned and its
+    /// rows are sent again later), releases its leases and returns. Outages of the database or the
     /// brokers are logged and retried with backoff; they do not end the loop.
     ///
     /// # Errors
@@ -147,7 +148,10 @@ impl Relay {
         );
         // Before the first batch, so no row lands in the default partition.
         if let Some(sampler) = &mut self.sampler {
-            sampler.upkeep_archive().await;
+            tokio::select! {
+                () = sampler.upkeep_archive() => {}
+                () = shutdown.cancelled() => {}
+            }
         }
         let stop_coordinator = CancellationToken::new();
         let coordinator = tokio::spawn(
@@ -191,7 +195,18 @@ impl Relay {
                 delivered = tracing::field::Empty,
                 failed = tracing::field::Empty
             );
-            match self.batch(shutdown).instrument(span).await {
+            let abandon_at = abandon_after(shutdown, self.settings.shutdown_timeout);
+            let outcome = tokio::select! {
+                outcome = self.batch(shutdown).instrument(span) => outcome,
+                () = abandon_at => {
+                    warn!(
+                        "the batch in flight did not finish in time after shutdown (the database does not answer?); \
+                         abandoning it: its rows stay in the outbox and are sent again (duplicates)"
+                    );
+                    return Ok(());
+                }
+            };
+            match outcome {
                 Ok(None) => {
                     // No leases (yet): wait for the coordinator.
                     tokio::select! {
@@ -472,6 +487,20 @@ fn log_batch_error(error: &Error, delay: Duration) {
     } else {
         warn!(%error, retry_in = ?delay, "relay batch failed; retrying");
     }
+}
+
+/// Past `shutdown-timeout` (for acknowledgements), how long the batch in
+/// flight may still take to record its outcome before shutdown abandons it.
+const SETTLE_AFTER_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// Resolves [`SETTLE_AFTER_SHUTDOWN`] after `grace` after `shutdown` is
+/// cancelled: the batch in flight is then dropped, so a database that
+/// stopped answering (a hung connection, no error) cannot hold the relay
+/// past shutdown. Dropping it is safe: rows are deleted only after their
+/// acknowledgement, so an abandoned batch's rows are sent again.
+async fn abandon_after(shutdown: &CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace + SETTLE_AFTER_SHUTDOWN).await;
 }
 
 /// Delays between attempts while the database is unreachable: 100 ms

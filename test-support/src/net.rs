@@ -14,15 +14,22 @@ use std::{
 use anyhow::{Context, Result, bail};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::watch,
     task::JoinHandle,
 };
 
 /// Forwards a local port to `target`. While cut, existing connections are
-/// closed and new ones are closed at once.
+/// closed and new ones are closed at once. While frozen, connections stay
+/// open but nothing passes either way (a server that hangs, or a network
+/// that drops packets without resets).
 pub struct TcpProxy {
     address: SocketAddr,
     cut: Arc<AtomicBool>,
+    frozen: watch::Sender<bool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -36,20 +43,17 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let cut = Arc::new(AtomicBool::new(false));
+        let (frozen, thawed) = watch::channel(false);
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn({
             let (cut, connections) = (Arc::clone(&cut), Arc::clone(&connections));
             async move {
-                while let Ok((mut client, _)) = listener.accept().await {
+                while let Ok((client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
                         drop(client);
                         continue;
                     }
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
+                    let task = tokio::spawn(forward(client, target, thawed.clone()));
                     let mut connections =
                         connections.lock().unwrap_or_else(PoisonError::into_inner);
                     connections.retain(|t| !t.is_finished());
@@ -60,6 +64,7 @@ impl TcpProxy {
         Ok(Self {
             address,
             cut,
+            frozen,
             connections,
             accept,
         })
@@ -88,6 +93,50 @@ impl TcpProxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops passing bytes, in both directions, on every connection (new
+    /// ones are accepted and then wait too) until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Passes bytes again, starting with those held while frozen.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+/// Forwards one client connection to `target`, holding bytes while frozen.
+async fn forward(client: TcpStream, target: SocketAddr, frozen: watch::Receiver<bool>) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // Either side closing ends the connection (both halves drop).
+    tokio::select! {
+        _ = pump(client_read, server_write, frozen.clone()) => {}
+        _ = pump(server_read, client_write, frozen) => {}
+    }
+}
+
+/// Copies `from` to `to` until EOF, waiting before each write while frozen.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return Ok(()); // the proxy is gone
+        }
+        to.write_all(&buffer[..read]).await?;
     }
 }
 

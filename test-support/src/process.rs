@@ -191,16 +191,20 @@ impl ChildProcess {
     ///
     /// # Errors
     /// If the relay does not exit in time (it is then killed).
-    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         kill(self.pid()?, Signal::SIGTERM)?;
-        self.wait(timeout)
+        self.wait(timeout).await
     }
 
     /// Waits up to `timeout` for the relay to exit by itself.
     ///
+    /// Asynchronous so the test's own tasks keep running meanwhile: a
+    /// proxy or tap the child talks through lives on the test's runtime
+    /// (often a single thread), and blocking it would hang the child.
+    ///
     /// # Errors
     /// If it is still running after `timeout` (it is then killed).
-    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+    pub async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -213,7 +217,7 @@ impl ChildProcess {
                     self.output()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
