@@ -107,6 +107,8 @@ struct State {
     events: Vec<Event>,
     /// Frames the tap could not decode (it forwards them anyway).
     errors: Vec<String>,
+    /// Produce requests forwarded and not yet answered, on open connections.
+    produce_in_flight: usize,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -148,6 +150,13 @@ impl KafkaTap {
     #[must_use]
     pub fn errors(&self) -> Vec<String> {
         lock(&self.state).errors.clone()
+    }
+
+    /// Produce requests the broker has not answered yet: a batch is in
+    /// flight while this is above zero.
+    #[must_use]
+    pub fn produce_in_flight(&self) -> usize {
+        lock(&self.state).produce_in_flight
     }
 
     /// Every transaction seen so far, in the order they began.
@@ -252,18 +261,32 @@ fn listener_for(state: &Shared, upstream: &str) -> Result<SocketAddr> {
 /// correlation id → (api key, version, index of the `EndTxn` event).
 type Pending = Arc<Mutex<HashMap<i32, (i16, i16, Option<usize>)>>>;
 
+/// Forwards one client connection; when it ends, its unanswered produce
+/// requests no longer count as in flight.
 async fn connection(state: Shared, client: TcpStream, upstream: String) {
+    let pending = Pending::default();
+    forward(Arc::clone(&state), &pending, client, upstream).await;
+    let unanswered = pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .filter(|(key, ..)| *key == ApiKey::Produce as i16)
+        .count();
+    let mut state = lock(&state);
+    state.produce_in_flight = state.produce_in_flight.saturating_sub(unanswered);
+}
+
+async fn forward(state: Shared, pending: &Pending, client: TcpStream, upstream: String) {
     let Ok(server) = TcpStream::connect(&upstream).await else {
         return;
     };
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    let pending = Pending::default();
     let requests = {
-        let (state, pending) = (Arc::clone(&state), Arc::clone(&pending));
+        let state = Arc::clone(&state);
         async move {
             while let Ok(frame) = read_frame(&mut client_read).await {
-                if let Err(error) = on_request(&state, &pending, &frame) {
+                if let Err(error) = on_request(&state, pending, &frame) {
                     lock(&state).errors.push(format!("request: {error:#}"));
                 }
                 if write_frame(&mut server_write, &frame).await.is_err() {
@@ -282,7 +305,7 @@ async fn connection(state: Shared, client: TcpStream, upstream: String) {
     let answers = async {
         let mut client_gone = false;
         while let Ok(frame) = read_frame(&mut server_read).await {
-            let frame = match on_answer(&state, &pending, frame.clone()) {
+            let frame = match on_answer(&state, pending, frame.clone()) {
                 Ok(rewritten) => rewritten,
                 Err(error) => {
                     lock(&state).errors.push(format!("answer: {error:#}"));
@@ -341,6 +364,7 @@ fn on_request(state: &Shared, pending: &Pending, frame: &Bytes) -> Result<()> {
     match api {
         ApiKey::Produce => {
             let request = ProduceRequest::decode(&mut body, version)?;
+            lock(state).produce_in_flight += 1;
             record_produce(state, &request)?;
         }
         ApiKey::EndTxn => {
@@ -435,6 +459,11 @@ fn on_answer(state: &Shared, pending: &Pending, frame: Bytes) -> Result<Bytes> {
     let mut body = frame.clone();
     let header = ResponseHeader::decode(&mut body, header_version)?;
     match api {
+        ApiKey::Produce => {
+            let mut state = lock(state);
+            state.produce_in_flight = state.produce_in_flight.saturating_sub(1);
+            Ok(frame)
+        }
         ApiKey::EndTxn => {
             let answer = EndTxnResponse::decode(&mut body, version)?;
             if let Some(index) = end_txn
