@@ -61,13 +61,7 @@ async fn secrets_never_appear_in_logs_or_printed_config(pool: PgPool) {
     db::wait_drained(&pool, Duration::from_secs(60))
         .await
         .unwrap();
-    assert!(
-        relay
-            .terminate(Duration::from_secs(20))
-            .await
-            .unwrap()
-            .success()
-    );
+    relay.stop(Duration::from_secs(20)).await.unwrap();
     let mut outputs = vec![("run", relay.output())];
     assert!(outputs[0].1.contains("relay stopped"), "{}", outputs[0].1);
     println!("{} events relayed with trace logging", ids.len());
@@ -160,12 +154,8 @@ async fn metrics_move_with_events_and_readiness_follows_postgres_and_kafka(pool:
     let topic = unique_topic("metrics");
     broker.create_topic(&topic, 2).await.unwrap();
     // The relay reaches PostgreSQL through a proxy the test can cut.
-    let options = pool.connect_options();
-    let target = format!("{}:{}", options.get_host(), options.get_port());
-    let proxy = TcpProxy::start(target.parse().unwrap()).await.unwrap();
-    let mut url = url::Url::parse(&db::url(&pool)).unwrap();
-    url.set_port(Some(proxy.address().port())).unwrap();
-    let config = relay_config(url.as_str(), broker.bootstrap(), &[], &[])
+    let (proxy, url) = TcpProxy::for_database(&pool).await.unwrap();
+    let config = relay_config(&url, broker.bootstrap(), &[], &[])
         + "\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\nsample-interval = \"200ms\"\n";
     let mut relay = RelayProcess::start(&config).unwrap();
     let admin = admin_address(&relay).await;
@@ -238,13 +228,7 @@ async fn metrics_move_with_events_and_readiness_follows_postgres_and_kafka(pool:
     mock.all_up().unwrap();
     readiness_until(admin, 200).await;
     assert_eq!(http_get(admin, "/health").await.unwrap().0, 200);
-    assert!(
-        relay
-            .terminate(Duration::from_secs(20))
-            .await
-            .unwrap()
-            .success()
-    );
+    relay.stop(Duration::from_secs(20)).await.unwrap();
 }
 
 /// The Prometheus recorder of this test process (installed once).

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use sqlx::ConnectOptions;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -68,6 +69,22 @@ impl TcpProxy {
             connections,
             accept,
         })
+    }
+
+    /// A proxy to the PostgreSQL server of `pool`, and the URL of `pool`'s
+    /// database through it.
+    ///
+    /// # Errors
+    /// If the server's address does not parse or no port can be bound.
+    pub async fn for_database(pool: &sqlx::PgPool) -> Result<(Self, String)> {
+        let options = pool.connect_options();
+        let target = format!("{}:{}", options.get_host(), options.get_port());
+        let proxy = Self::start(target.parse().context("PostgreSQL's address")?).await?;
+        let proxied = (*options)
+            .clone()
+            .host("127.0.0.1")
+            .port(proxy.address().port());
+        Ok((proxy, proxied.to_url_lossy().to_string()))
     }
 
     /// The local address clients should connect to.

@@ -196,6 +196,18 @@ impl ChildProcess {
         self.wait(timeout).await
     }
 
+    /// Sends SIGTERM and expects exit status 0 within `timeout`.
+    ///
+    /// # Errors
+    /// If it exits otherwise (the error holds its output) or not in time.
+    pub async fn stop(&mut self, timeout: Duration) -> Result<()> {
+        let status = self.terminate(timeout).await?;
+        if !status.success() {
+            bail!("exited with {status}:\n{}", self.output());
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for the relay to exit by itself.
     ///
     /// Asynchronous so the test's own tasks keep running meanwhile: a
