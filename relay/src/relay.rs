@@ -133,8 +133,9 @@ impl Relay {
     /// Publishes until `shutdown` is cancelled, then finishes the batch in
     /// flight (waiting at most `shutdown-timeout` for acknowledgements and
     /// 5 s more to record them; past that the batch is abandoned and its
-    /// rows are sent again later), releases its leases and returns. Outages of the database or the
-    /// brokers are logged and retried with backoff; they do not end the loop.
+    /// rows are sent again later), releases its leases and returns. Outages
+    /// of the database or the brokers are logged and retried with backoff;
+    /// they do not end the loop.
     ///
     /// # Errors
     /// Only if the Kafka producer cannot be recreated after a fatal error.
@@ -493,8 +494,8 @@ fn log_batch_error(error: &Error, delay: Duration) {
 /// flight may still take to record its outcome before shutdown abandons it.
 const SETTLE_AFTER_SHUTDOWN: Duration = Duration::from_secs(5);
 
-/// Resolves [`SETTLE_AFTER_SHUTDOWN`] after `grace` after `shutdown` is
-/// cancelled: the batch in flight is then dropped, so a database that
+/// Resolves `grace` + [`SETTLE_AFTER_SHUTDOWN`] after `shutdown` is
+/// cancelled; the batch in flight is then dropped, so a database that
 /// stopped answering (a hung connection, no error) cannot hold the relay
 /// past shutdown. Dropping it is safe: rows are deleted only after their
 /// acknowledgement, so an abandoned batch's rows are sent again.
