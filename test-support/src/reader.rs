@@ -68,24 +68,12 @@ impl std::fmt::Debug for TopicReader {
 }
 
 impl TopicReader {
-    /// Assigns every partition of `topic` (which must exist) from offset 0.
+    /// Assigns every partition of `topic` (which must exist) from offset 0,
+    /// reading with `read_committed`.
     ///
     /// # Errors
     /// If the topic's metadata cannot be read within 30 s.
     pub fn new(bootstrap: &str, topic: &str) -> Result<Self> {
-        Self::with_isolation(bootstrap, topic, "read_committed")
-    }
-
-    /// Like [`TopicReader::new`], but `read_uncommitted`: also sees messages
-    /// of open and aborted transactions.
-    ///
-    /// # Errors
-    /// If the topic's metadata cannot be read within 30 s.
-    pub fn uncommitted(bootstrap: &str, topic: &str) -> Result<Self> {
-        Self::with_isolation(bootstrap, topic, "read_uncommitted")
-    }
-
-    fn with_isolation(bootstrap: &str, topic: &str, isolation: &str) -> Result<Self> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set(
@@ -94,7 +82,7 @@ impl TopicReader {
             )
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("isolation.level", isolation)
+            .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
             .create()
             .context("reader consumer")?;

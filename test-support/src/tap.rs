@@ -259,7 +259,7 @@ fn listener_for(state: &Shared, upstream: &str) -> Result<SocketAddr> {
 
 /// Requests sent on one connection and not yet answered:
 /// correlation id → (api key, version, index of the `EndTxn` event).
-type Pending = Arc<Mutex<HashMap<i32, (i16, i16, Option<usize>)>>>;
+type Pending = Mutex<HashMap<i32, (i16, i16, Option<usize>)>>;
 
 /// Forwards one client connection; when it ends, its unanswered produce
 /// requests no longer count as in flight.
