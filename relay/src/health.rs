@@ -180,14 +180,15 @@ impl Sampler {
                 None
             }
         };
-        while !stop.is_cancelled() {
-            tokio::select! {
-                () = self.sample(timeout, client.as_ref()) => {}
-                () = stop.cancelled() => break,
-            }
-            tokio::select! {
-                () = tokio::time::sleep(self.interval) => {}
-                () = stop.cancelled() => {}
+        let interval = self.interval;
+        loop {
+            // A check stuck on a dependency must not hold up shutdown.
+            let turn = async {
+                self.sample(timeout, client.as_ref()).await;
+                tokio::time::sleep(interval).await;
+            };
+            if stop.run_until_cancelled(turn).await.is_none() {
+                break;
             }
         }
     }

@@ -227,22 +227,15 @@ impl Coordinator {
     /// Runs rounds every third of the TTL until `stop` is cancelled.
     pub(crate) async fn run(self, stop: CancellationToken) {
         let period = self.ttl / 3;
-        while !stop.is_cancelled() {
-            // A round stuck on a database that does not answer must not
-            // hold up shutdown: dropping it rolls its transaction back.
-            tokio::select! {
-                result = self.round() => {
-                    if let Err(error) = result {
-                        warn!(%error, "could not renew partition leases; retrying");
-                    }
-                }
-                () = stop.cancelled() => break,
+        // A round stuck on a database that does not answer must not hold
+        // up shutdown: dropping it rolls its transaction back.
+        let turn = || async {
+            if let Err(error) = self.round().await {
+                warn!(%error, "could not renew partition leases; retrying");
             }
-            tokio::select! {
-                () = tokio::time::sleep(period) => {}
-                () = stop.cancelled() => {}
-            }
-        }
+            tokio::time::sleep(period).await;
+        };
+        while stop.run_until_cancelled(turn()).await.is_some() {}
     }
 
     /// One heartbeat + renew + rebalance round.
