@@ -189,6 +189,7 @@ async fn relay_paused_past_its_lease_cannot_delete_rows_it_no_longer_owns(pool: 
     };
     let topic = unique_topic("stolen");
     broker.create_topic(&topic, 3).await.unwrap();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     // Acknowledgements take ~1 s: the relay spends nearly all its time with
     // a batch in flight, waiting to delete it.
     mock.set_round_trip(Duration::from_millis(1000)).unwrap();
@@ -202,7 +203,6 @@ async fn relay_paused_past_its_lease_cannot_delete_rows_it_no_longer_owns(pool: 
         &[],
     );
     let relay = RelayProcess::start(&config).unwrap();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     reader.read_distinct(1, WAIT).await.unwrap();
 
     // Paused with a batch in flight: on resume it is acknowledged and the

@@ -86,20 +86,28 @@ impl TopicReader {
             .set("fetch.wait.max.ms", "10")
             .create()
             .context("reader consumer")?;
+        // A slow broker (tests add latency to the mock cluster) can miss one
+        // attempt's timeout: retry until the deadline, not just on "no
+        // partitions yet".
         let deadline = Instant::now() + Duration::from_secs(30);
         let partitions = loop {
-            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-            let found: Vec<i32> = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            if !found.is_empty() {
-                break found;
-            }
+            let last = match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+                Ok(metadata) => {
+                    let found: Vec<i32> = metadata
+                        .topics()
+                        .iter()
+                        .filter(|t| t.name() == topic && t.error().is_none())
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect();
+                    if !found.is_empty() {
+                        break found;
+                    }
+                    "no partitions".to_owned()
+                }
+                Err(e) => e.to_string(),
+            };
             if Instant::now() > deadline {
-                bail!("topic {topic} has no partitions after 30 s");
+                bail!("topic {topic}: no partitions after 30 s (last attempt: {last})");
             }
             std::thread::sleep(Duration::from_millis(100));
         };
