@@ -114,7 +114,8 @@ async fn handler_failing_twice_then_succeeding_takes_effect_once(pool: PgPool) {
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         // A tower layer inside the inbox: the second failure is a timeout.
-        .timeout(Duration::from_millis(500))
+        // Generous, so that only the sleep below hits it on a loaded machine.
+        .timeout(Duration::from_secs(3))
         .service_fn(move |delivery: Delivery| {
             let seen = Arc::clone(&seen);
             async move {
@@ -128,7 +129,7 @@ async fn handler_failing_twice_then_succeeding_takes_effect_once(pool: PgPool) {
                     assert_eq!(attempt, delivery.attempt(), "Delivery::attempt counts");
                     match attempt {
                         1 => return Err::<(), BoxError>("first attempt fails".into()),
-                        2 => tokio::time::sleep(Duration::from_secs(5)).await,
+                        2 => tokio::time::sleep(Duration::from_secs(60)).await,
                         _ => {}
                     }
                 }
@@ -247,7 +248,7 @@ async fn poison_messages_go_to_dead_letters_with_their_reason_and_later_ones_flo
 
     // The same four on the dead-letter topic, with the reason.
     let mut reader = TopicReader::new(broker.bootstrap(), &format!("{topic}.dlq")).unwrap();
-    let dlq = reader.read_to_end(Duration::from_secs(5)).await.unwrap();
+    let dlq = reader.read_to_end(WAIT).await.unwrap();
     assert_eq!(dlq.len(), 4);
     assert!(
         dlq[2]
