@@ -177,6 +177,60 @@ async fn sigterm_while_postgres_hangs_exits_and_loses_nothing(pool: PgPool) {
     successor.terminate(Duration::from_secs(20)).await.unwrap();
 }
 
+/// A lock held on the outbox (a migration, a forgotten transaction) does not
+/// stall a running relay unseen: its statement is cancelled after
+/// `database.statement-timeout`, it says so, retries with backoff, and
+/// carries on once the lock is gone.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool) {
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("stmt-timeout");
+    broker.create_topic(&topic, 3).await.unwrap();
+    let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[])
+        .replace("[database]\n", "[database]\nstatement-timeout = \"1s\"\n");
+    let writer = tokio::spawn(write_stream(
+        pool.clone(),
+        topic.clone(),
+        Stream::new(2000, 20)
+            .per_tx(10)
+            .pace(Duration::from_millis(2)),
+    ));
+    let mut relay = RelayProcess::start(&config).unwrap();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    reader.read_distinct(100, WAIT).await.unwrap();
+
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE consign_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // Without a statement timeout the relay's read would wait as long as
+    // the lock is held, and say nothing. Twice: cancelled, retried, and
+    // cancelled again while the lock stays.
+    eventually(
+        "the relay to report cancelled statements",
+        Duration::from_secs(30),
+        || async {
+            let reports = relay.output().matches("statement_timeout").count();
+            Ok((reports >= 2).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.output()));
+    lock.rollback().await.unwrap();
+
+    let ids = writer.await.unwrap();
+    reader.read_distinct(ids.len(), WAIT).await.unwrap();
+    assert_complete_and_ordered(&ids, &reader);
+    db::wait_drained(&pool, WAIT).await.unwrap();
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+    let output = relay.output();
+    assert!(
+        output.contains("canceling statement due to statement timeout"),
+        "{output}"
+    );
+}
+
 #[sqlx::test(migrations = false)]
 async fn invalid_configuration_exits_nonzero_naming_the_field(pool: PgPool) {
     let url = db::url(&pool);

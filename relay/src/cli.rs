@@ -286,7 +286,7 @@ async fn run(config: Config) -> Result<()> {
 /// The pool of `[database]`, after checking that section.
 fn database(config: &Config) -> Result<sqlx::PgPool> {
     config.database.validate()?;
-    config.database.connect_lazy()
+    config.database.connect_lazy_unbounded()
 }
 
 async fn migrate(config: &Config) -> Result<()> {

@@ -88,6 +88,7 @@ pub struct RelaySettings {
 /// | `relay.lease-ttl` | 3s | 2s | 10s |
 /// | `database.max-connections` | 2 | 2 | 4 |
 /// | `database.acquire-timeout` | 3s | 2s | 10s |
+/// | `database.statement-timeout` | 30s | 10s | 30s |
 /// | `admin.enabled` | true | false | true |
 /// | `admin.listen` | 127.0.0.1:9464 | 127.0.0.1:0 | 0.0.0.0:9464 |
 /// | `admin.sample-interval` | 1s | 500ms | 5s |
@@ -273,6 +274,15 @@ pub struct DatabaseSettings {
     /// failed (and is retried with backoff). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` for the relay's sessions (not for
+    /// `migrate`, `cleanup` and the other commands): a statement running
+    /// longer is cancelled, counts as a failed attempt and is retried with
+    /// backoff, so a lock held by a migration or a forgotten transaction
+    /// cannot stall the relay unseen. `0s` leaves the server's or role's
+    /// setting. Default 30s (10s in the testing profile); otherwise 100ms
+    /// to 1h.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
     /// `application_name` of the relay's sessions, as seen in
     /// `pg_stat_activity`. Default `consign-relay`.
     pub application_name: String,
@@ -290,6 +300,7 @@ impl fmt::Debug for DatabaseSettings {
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .field("application_name", &self.application_name)
             .finish()
     }
@@ -299,15 +310,16 @@ impl DatabaseSettings {
     /// The defaults of `profile` (see [`Profile`]); the URL is empty.
     #[must_use]
     pub fn for_profile(profile: Profile) -> Self {
-        let (max_connections, acquire_timeout) = match profile {
-            Profile::Development => (2, Duration::from_secs(3)),
-            Profile::Testing => (2, Duration::from_secs(2)),
-            Profile::Production => (4, Duration::from_secs(10)),
+        let (max_connections, acquire_timeout, statement_timeout) = match profile {
+            Profile::Development => (2, Duration::from_secs(3), Duration::from_secs(30)),
+            Profile::Testing => (2, Duration::from_secs(2), Duration::from_secs(10)),
+            Profile::Production => (4, Duration::from_secs(10), Duration::from_secs(30)),
         };
         Self {
             url: String::new(),
             max_connections,
             acquire_timeout,
+            statement_timeout,
             application_name: "consign-relay".into(),
         }
     }
@@ -329,7 +341,19 @@ impl DatabaseSettings {
             self.acquire_timeout,
             Duration::from_millis(10),
             Duration::from_secs(600),
-        )
+        )?;
+        let statement = self.statement_timeout;
+        let allowed = Duration::from_millis(100)..=Duration::from_secs(3600);
+        if !statement.is_zero() && !allowed.contains(&statement) {
+            return Err(Error::config(
+                "database.statement-timeout",
+                format!(
+                    "must be 0s (leave the server's setting) or between 100ms and 1h, got {}",
+                    humantime::format_duration(statement)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn connect_options(&self) -> Result<PgConnectOptions> {
@@ -351,16 +375,38 @@ impl DatabaseSettings {
         Ok(options.application_name(&self.application_name))
     }
 
-    /// A pool that connects on first use, so the relay can start while the
-    /// database is down and catch up when it returns.
+    /// The relay's pool: connects on first use, so the relay can start
+    /// while the database is down and catch up when it returns; its
+    /// sessions have [`statement_timeout`](Self::statement_timeout).
     ///
     /// # Errors
     /// [`Error::Config`] if the URL is invalid.
     pub fn connect_lazy(&self) -> Result<PgPool> {
-        Ok(PgPoolOptions::new()
+        let mut options = self.connect_options()?;
+        if !self.statement_timeout.is_zero() {
+            let millis = self.statement_timeout.as_millis();
+            options = options.options([("statement_timeout", format!("{millis}ms"))]);
+        }
+        Ok(self.pool_options().connect_lazy_with(options))
+    }
+
+    /// A pool for maintenance commands (`migrate`, `cleanup`, dead letters,
+    /// `status`): like [`connect_lazy`](Self::connect_lazy), without the
+    /// statement timeout, since a migration or a cleanup may rightly run
+    /// long.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the URL is invalid.
+    pub fn connect_lazy_unbounded(&self) -> Result<PgPool> {
+        Ok(self
+            .pool_options()
+            .connect_lazy_with(self.connect_options()?))
+    }
+
+    fn pool_options(&self) -> PgPoolOptions {
+        PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
-            .connect_lazy_with(self.connect_options()?))
     }
 }
 
@@ -843,6 +889,18 @@ url = "postgres://postgres@127.0.0.1:5432/test"
                 r#"acquire-timeout = "soon""#,
                 "database.acquire-timeout",
                 "",
+            ),
+            (
+                "database",
+                r#"statement-timeout = "10ms""#,
+                "database.statement-timeout",
+                "must be 0s (leave the server's setting) or between 100ms and 1h, got 10ms",
+            ),
+            (
+                "database",
+                r#"statement-timeout = "2h""#,
+                "database.statement-timeout",
+                "got 2h",
             ),
             (
                 "database",

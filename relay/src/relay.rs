@@ -69,6 +69,13 @@ impl std::fmt::Debug for Relay {
 
 impl Relay {
     /// Starts building a relay on `pool` (the database holding the outbox).
+    ///
+    /// Give the pool a `statement_timeout` (as `consign-relay` does from
+    /// `database.statement-timeout`, via [`DatabaseSettings::connect_lazy`]):
+    /// without one, a statement waiting on a lock held elsewhere holds the
+    /// relay for as long as the lock lasts.
+    ///
+    /// [`DatabaseSettings::connect_lazy`]: crate::config::DatabaseSettings::connect_lazy
     pub fn builder(pool: PgPool) -> RelayBuilder {
         RelayBuilder::new(pool)
     }
@@ -481,10 +488,14 @@ fn log_failures(failures: &[Failure], rows: &[OutboxRow]) {
 }
 
 fn log_batch_error(error: &Error, delay: Duration) {
-    let missing_table = matches!(error, Error::Database(sqlx::Error::Database(db))
-        if db.code().as_deref() == Some("42P01"));
-    if missing_table {
+    let code = match error {
+        Error::Database(sqlx::Error::Database(db)) => db.code(),
+        _ => None,
+    };
+    if code.as_deref() == Some("42P01") {
         error!(%error, retry_in = ?delay, "the outbox table does not exist: run `consign-relay migrate` (or consign::migrate) first");
+    } else if code.as_deref() == Some("57014") {
+        warn!(%error, retry_in = ?delay, "a relay statement was cancelled (statement_timeout: a lock held by a migration or a long transaction?); retrying");
     } else {
         warn!(%error, retry_in = ?delay, "relay batch failed; retrying");
     }
