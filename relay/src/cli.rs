@@ -20,7 +20,7 @@ use crate::{
 #[command(name = "consign-relay", version, about, long_about = None)]
 pub struct Cli {
     /// Configuration file (TOML; see reference.toml). Environment variables
-    /// CONSIGN_<SECTION>__<FIELD> and DATABASE_URL override it.
+    /// CONSIGN_SECTION__FIELD (e.g. CONSIGN_RELAY__BATCH_SIZE) and DATABASE_URL override it.
     #[arg(long, short, env = "CONSIGN_CONFIG", global = true)]
     config: Option<PathBuf>,
 
