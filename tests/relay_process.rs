@@ -12,6 +12,8 @@ use consign_test_support::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -126,24 +128,12 @@ async fn sigterm_while_postgres_hangs_exits_and_loses_nothing(pool: PgPool) {
     let proxied = relay_config(&url, broker.bootstrap(), &[("batch-size", "200")], &[])
         .replace("[database]\n", "[database]\nmax-connections = 8\n");
 
-    let writer = tokio::spawn(write_stream(
-        pool.clone(),
-        topic.clone(),
-        Stream::new(3000, 30)
-            .per_tx(10)
-            .pace(Duration::from_millis(2)),
-    ));
-    let mut relay = RelayProcess::start(&proxied).unwrap();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    reader.read_distinct(100, WAIT).await.unwrap();
+    let (writer, mut relay, mut reader) =
+        relay_mid_stream(&pool, broker.bootstrap(), &topic, &proxied, 3000).await;
     // Mid-stream a migration-like lock holds the outbox: the relay's next
     // read (within one poll interval) waits on it. Then its connections go
     // silent as well (lease upkeep, health checks, the final release).
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE consign_outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = db::lock_outbox(&pool).await.unwrap();
     eventually("the relay's read waits on the lock", WAIT, || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
@@ -188,22 +178,9 @@ async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool) {
     broker.create_topic(&topic, 3).await.unwrap();
     let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[])
         .replace("[database]\n", "[database]\nstatement-timeout = \"1s\"\n");
-    let writer = tokio::spawn(write_stream(
-        pool.clone(),
-        topic.clone(),
-        Stream::new(2000, 20)
-            .per_tx(10)
-            .pace(Duration::from_millis(2)),
-    ));
-    let mut relay = RelayProcess::start(&config).unwrap();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    reader.read_distinct(100, WAIT).await.unwrap();
-
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE consign_outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let (writer, mut relay, mut reader) =
+        relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000).await;
+    let lock = db::lock_outbox(&pool).await.unwrap();
     // Without a statement timeout the relay's read would wait as long as
     // the lock is held, and say nothing. Twice: cancelled, retried, and
     // cancelled again while the lock stays.
@@ -229,6 +206,28 @@ async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool) {
         output.contains("canceling statement due to statement timeout"),
         "{output}"
     );
+}
+
+/// Starts a writer of `events` events over 30 keys (10 per transaction,
+/// paced) and a relay with `config`; returns once 100 events arrived.
+async fn relay_mid_stream(
+    pool: &PgPool,
+    bootstrap: &str,
+    topic: &str,
+    config: &str,
+    events: usize,
+) -> (JoinHandle<Vec<Uuid>>, RelayProcess, TopicReader) {
+    let writer = tokio::spawn(write_stream(
+        pool.clone(),
+        topic.to_owned(),
+        Stream::new(events, 30)
+            .per_tx(10)
+            .pace(Duration::from_millis(2)),
+    ));
+    let relay = RelayProcess::start(config).unwrap();
+    let mut reader = TopicReader::new(bootstrap, topic).unwrap();
+    reader.read_distinct(100, WAIT).await.unwrap();
+    (writer, relay, reader)
 }
 
 #[sqlx::test(migrations = false)]

@@ -47,3 +47,17 @@ pub async fn terminate_sessions(pool: &PgPool, application: &str) -> Result<i64>
     .await?;
     Ok(killed)
 }
+
+/// Takes `ACCESS EXCLUSIVE` on `consign_outbox` in a transaction of its
+/// own, as a migration would: every read and write of the outbox waits
+/// until the returned transaction ends (rolled back or dropped).
+///
+/// # Errors
+/// On a database error.
+pub async fn lock_outbox(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut lock = pool.begin().await?;
+    sqlx::query("LOCK TABLE consign_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await?;
+    Ok(lock)
+}
