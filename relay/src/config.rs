@@ -1053,6 +1053,9 @@ url = "postgres://postgres@127.0.0.1:5432/test"
             }
         }
         load_with("", "").unwrap();
+        // 0s is allowed: it leaves the server's statement_timeout.
+        let unset = load_with("database", r#"statement-timeout = "0s""#).unwrap();
+        assert!(unset.database.statement_timeout.is_zero());
     }
 
     #[test]
