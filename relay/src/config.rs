@@ -249,15 +249,20 @@ fn in_range(field: &str, value: Duration, min: Duration, max: Duration) -> Resul
     if value < min || value > max {
         return Err(Error::config(
             field,
-            format!(
-                "must be between {} and {}, got {}",
-                humantime::format_duration(min),
-                humantime::format_duration(max),
-                humantime::format_duration(value)
-            ),
+            format!("must be {}", between(value, min, max)),
         ));
     }
     Ok(())
+}
+
+/// `between 100ms and 1h, got 10ms`: the allowed range and the value.
+fn between(value: Duration, min: Duration, max: Duration) -> String {
+    format!(
+        "between {} and {}, got {}",
+        humantime::format_duration(min),
+        humantime::format_duration(max),
+        humantime::format_duration(value)
+    )
 }
 
 /// The `[database]` section. TLS and other connection parameters go in the
@@ -342,14 +347,17 @@ impl DatabaseSettings {
             Duration::from_millis(10),
             Duration::from_secs(600),
         )?;
-        let statement = self.statement_timeout;
-        let allowed = Duration::from_millis(100)..=Duration::from_secs(3600);
-        if !statement.is_zero() && !allowed.contains(&statement) {
+        let (statement, min, max) = (
+            self.statement_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        );
+        if !statement.is_zero() && (statement < min || statement > max) {
             return Err(Error::config(
                 "database.statement-timeout",
                 format!(
-                    "must be 0s (leave the server's setting) or between 100ms and 1h, got {}",
-                    humantime::format_duration(statement)
+                    "must be 0s (leave the server's setting) or {}",
+                    between(statement, min, max)
                 ),
             ));
         }
