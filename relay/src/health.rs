@@ -180,21 +180,16 @@ impl Sampler {
                 None
             }
         };
-        let interval = self.interval;
-        loop {
-            // A check stuck on a dependency must not hold up shutdown.
-            let turn = async {
-                self.sample(timeout, client.as_ref()).await;
-                tokio::time::sleep(interval).await;
-            };
-            if stop.run_until_cancelled(turn).await.is_none() {
-                break;
-            }
-        }
+        // A check stuck on a dependency must not hold up shutdown.
+        while stop
+            .run_until_cancelled(self.sample(timeout, client.as_ref()))
+            .await
+            .is_some()
+        {}
     }
 
     /// One round: archive upkeep (when due), the backlog gauges and both
-    /// dependency checks.
+    /// dependency checks, then the pause until the next round.
     async fn sample(&mut self, timeout: Duration, client: Option<&Arc<BaseProducer>>) {
         self.upkeep_archive().await;
         let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
@@ -214,6 +209,7 @@ impl Sampler {
             None => Err("no Kafka client".into()),
         };
         Health::record(&self.health.inner.kafka, "Kafka", m::KAFKA_UP, kafka);
+        tokio::time::sleep(self.interval).await;
     }
 }
 

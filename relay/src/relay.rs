@@ -156,10 +156,7 @@ impl Relay {
         );
         // Before the first batch, so no row lands in the default partition.
         if let Some(sampler) = &mut self.sampler {
-            tokio::select! {
-                () = sampler.upkeep_archive() => {}
-                () = shutdown.cancelled() => {}
-            }
+            shutdown.run_until_cancelled(sampler.upkeep_archive()).await;
         }
         let stop_coordinator = CancellationToken::new();
         let coordinator = tokio::spawn(
