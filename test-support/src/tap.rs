@@ -113,8 +113,9 @@ struct State {
 
 type Shared = Arc<Mutex<State>>;
 
-fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks `mutex`, also after a panic elsewhere (the tap's state stays usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A running tap. Dropping it closes every listener and connection.
@@ -266,9 +267,7 @@ type Pending = Mutex<HashMap<i32, (i16, i16, Option<usize>)>>;
 async fn connection(state: Shared, client: TcpStream, upstream: String) {
     let pending = Pending::default();
     forward(Arc::clone(&state), &pending, client, upstream).await;
-    let unanswered = pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+    let unanswered = lock(&pending)
         .values()
         .filter(|(key, ..)| *key == ApiKey::Produce as i16)
         .count();
@@ -296,12 +295,7 @@ async fn forward(state: Shared, pending: &Pending, client: TcpStream, upstream: 
             server_write
         }
     };
-    let is_idle = || {
-        pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
-    };
+    let is_idle = || lock(pending).is_empty();
     let answers = async {
         let mut client_gone = false;
         while let Ok(frame) = read_frame(&mut server_read).await {
@@ -380,10 +374,7 @@ fn on_request(state: &Shared, pending: &Pending, frame: &Bytes) -> Result<()> {
         }
         _ => {}
     }
-    pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(header.correlation_id, (key, version, end_txn));
+    lock(pending).insert(header.correlation_id, (key, version, end_txn));
     Ok(())
 }
 
@@ -447,11 +438,7 @@ fn on_answer(state: &Shared, pending: &Pending, frame: Bytes) -> Result<Bytes> {
         bail!("answer frame of {} bytes", frame.len());
     }
     let correlation = (&frame[..4]).get_i32();
-    let Some((key, version, end_txn)) = pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(&correlation)
-    else {
+    let Some((key, version, end_txn)) = lock(pending).remove(&correlation) else {
         bail!("answer to unknown correlation id {correlation}");
     };
     let api = ApiKey::try_from(key).map_err(|()| anyhow::anyhow!("api key {key}"))?;
