@@ -89,16 +89,8 @@ async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool) {
         &[],
     );
 
-    let writer = tokio::spawn(write_stream(
-        pool.clone(),
-        topic.clone(),
-        Stream::new(5000, 50)
-            .per_tx(10)
-            .pace(Duration::from_millis(2)),
-    ));
-    let mut relay = RelayProcess::start(&config).unwrap();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    reader.read_distinct(100, WAIT).await.unwrap();
+    let (writer, mut relay, mut reader) =
+        relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 5000, 50).await;
     relay.stop(Duration::from_secs(30)).await.unwrap();
     let output = relay.output();
     assert!(output.contains("relay stopped"), "{output}");
@@ -129,7 +121,7 @@ async fn sigterm_while_postgres_hangs_exits_and_loses_nothing(pool: PgPool) {
         .replace("[database]\n", "[database]\nmax-connections = 8\n");
 
     let (writer, mut relay, mut reader) =
-        relay_mid_stream(&pool, broker.bootstrap(), &topic, &proxied, 3000).await;
+        relay_mid_stream(&pool, broker.bootstrap(), &topic, &proxied, 3000, 30).await;
     // Mid-stream a migration-like lock holds the outbox: the relay's next
     // read (within one poll interval) waits on it. Then its connections go
     // silent as well (lease upkeep, health checks, the final release).
@@ -179,7 +171,7 @@ async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool) {
     let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[])
         .replace("[database]\n", "[database]\nstatement-timeout = \"1s\"\n");
     let (writer, mut relay, mut reader) =
-        relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000).await;
+        relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000, 30).await;
     let lock = db::lock_outbox(&pool).await.unwrap();
     // Without a statement timeout the relay's read would wait as long as
     // the lock is held, and say nothing. Twice: cancelled, retried, and
@@ -208,19 +200,21 @@ async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool) {
     );
 }
 
-/// Starts a writer of `events` events over 30 keys (10 per transaction,
-/// paced) and a relay with `config`; returns once 100 events arrived.
+/// Starts a writer of `events` events over `keys` keys (10 per
+/// transaction, paced) and a relay with `config`; returns once 100 events
+/// arrived.
 async fn relay_mid_stream(
     pool: &PgPool,
     bootstrap: &str,
     topic: &str,
     config: &str,
     events: usize,
+    keys: usize,
 ) -> (JoinHandle<Vec<Uuid>>, RelayProcess, TopicReader) {
     let writer = tokio::spawn(write_stream(
         pool.clone(),
         topic.to_owned(),
-        Stream::new(events, 30)
+        Stream::new(events, keys)
             .per_tx(10)
             .pace(Duration::from_millis(2)),
     ));

@@ -10,6 +10,7 @@ use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{Consumer, StreamConsumer},
     message::Headers,
+    metadata::Metadata,
 };
 use uuid::Uuid;
 
@@ -91,19 +92,12 @@ impl TopicReader {
         // partitions yet".
         let deadline = Instant::now() + Duration::from_secs(30);
         let partitions = loop {
-            let last = match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-                Ok(metadata) => {
-                    let found: Vec<i32> = metadata
-                        .topics()
-                        .iter()
-                        .filter(|t| t.name() == topic && t.error().is_none())
-                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                        .collect();
-                    if !found.is_empty() {
-                        break found;
-                    }
-                    "no partitions".to_owned()
-                }
+            let found = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map(|metadata| partitions_of(&metadata, topic));
+            let last = match found {
+                Ok(found) if !found.is_empty() => break found,
+                Ok(_) => "no partitions".to_owned(),
                 Err(e) => e.to_string(),
             };
             if Instant::now() > deadline {
@@ -248,4 +242,14 @@ impl TopicReader {
         self.received.push(received);
         Ok(true)
     }
+}
+
+/// The partitions of `topic` in `metadata`, none if it reports an error.
+fn partitions_of(metadata: &Metadata, topic: &str) -> Vec<i32> {
+    metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect()
 }
