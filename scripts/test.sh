@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Prepares what consign's tests need and runs them all:
-#   1. PostgreSQL on 127.0.0.1:5432 (started if this machine has a stopped cluster),
-#   2. the consign-relay binary the process tests start and kill,
-#   3. fmt and clippy checks, every test and doctest, the quickstart as a smoke test.
-# Kafka needs nothing: the tests host librdkafka's mock cluster in process.
-# Set TEST_KAFKA_BROKERS=host:port to also run the end-to-end tests against an
-# external broker (see DEVELOPERS.md).
+#   1. services (scripts/services.sh): PostgreSQL on 127.0.0.1:5432, installed
+#      from Debian's packages and started when missing; Apache Kafka's jars from
+#      Maven Central (the tests start real brokers from them),
+#   2. the consign-relay binary and the test consumer the crash tests kill,
+#   3. fmt and clippy checks, every test and doctest on both broker tiers
+#      (librdkafka's mock cluster and real Kafka), the examples as smoke tests.
+# Set TEST_KAFKA_BROKERS=host:port to run the mock tier's tests against another
+# broker instead (see DEVELOPERS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,18 +15,9 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "PostgreSQL"
-if ! pg_isready -q -d "$DATABASE_URL" 2>/dev/null; then
-    if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
-        echo "not accepting connections; starting the local cluster"
-        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
-    fi
-    for _ in $(seq 1 30); do
-        pg_isready -q -d "$DATABASE_URL" && break
-        sleep 1
-    done
-fi
-pg_isready -d "$DATABASE_URL" || { echo "error: PostgreSQL at $DATABASE_URL is not reachable" >&2; exit 1; }
+./scripts/services.sh postgres kafka
+TEST_KAFKA_LIBS="$(./scripts/kafka.sh libs)"
+export TEST_KAFKA_LIBS
 
 step "format"
 cargo fmt --all -- --check
@@ -38,8 +31,14 @@ cargo build --locked -p consign-test-support --bin consign-test-consumer
 export TEST_RELAY_BIN="$PWD/target/debug/consign-relay"
 export TEST_CONSUMER_BIN="$PWD/target/debug/consign-test-consumer"
 
-step "tests"
-cargo test --workspace --locked
+step "tests (mock cluster and real Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' test-support/kafka/pom.xml))"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+real=$(grep -cE '^test .*::kafka(_[a-z0-9_]+)? \.\.\. ok$' "$log" || true)
+mock=$(grep -cE '^test .*::mock \.\.\. ok$' "$log" || true)
+skipped=$(grep -c '^skipped on real Kafka' "$log" || true)
+echo "broker tiers: $mock tests passed on the mock cluster, $real on real Kafka ($skipped skipped for want of Kafka)"
 
 step "examples"
 cargo run --locked --example quickstart
