@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use consign::inbox::{BoxError, Delivery, InboxLayer, InboxStats, MissingId, RetryPolicy};
 use consign_test_support::effects::{self, Running, TestMessage, produce, tally};
-use consign_test_support::{TestBroker, TopicReader, db, eventually, unique_topic};
+use consign_test_support::{TestBroker, TopicReader, broker_test, db, eventually, unique_topic};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tower::ServiceBuilder;
@@ -24,12 +24,11 @@ fn fast_retries() -> RetryPolicy {
     }
 }
 
-async fn setup(pool: &PgPool, partitions: i32) -> (TestBroker, String) {
+async fn setup(pool: &PgPool, broker: &TestBroker, partitions: i32) -> String {
     effects::create_table(pool).await.unwrap();
-    let broker = TestBroker::start().unwrap();
     let topic = unique_topic("inbox");
     broker.create_topic(&topic, partitions).await.unwrap();
-    (broker, topic)
+    topic
 }
 
 async fn wait_for_effects(pool: &PgPool, n: i64) {
@@ -50,287 +49,290 @@ async fn wait_for_stats(inbox: &InboxLayer, done: impl Fn(&InboxStats) -> bool) 
     .unwrap()
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn every_message_delivered_three_times_takes_effect_once(pool: PgPool) {
-    let (broker, topic) = setup(&pool, 3).await;
-    let messages = TestMessage::stream(30, 10);
-    // Each message three times: twice in a row, and once more after all.
-    let doubled: Vec<TestMessage> = messages
-        .iter()
-        .flat_map(|m| [m.clone(), m.clone()])
-        .collect();
-    produce(broker.bootstrap(), &topic, &doubled).await.unwrap();
-    produce(broker.bootstrap(), &topic, &messages)
-        .await
-        .unwrap();
-
-    let inbox = InboxLayer::new(pool.clone(), "dup-test");
-    let service = ServiceBuilder::new()
-        .layer(inbox.clone())
-        .service_fn(effects::record);
-    let running = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
-    let stats = wait_for_stats(&inbox, |s| s.handled + s.duplicates >= 900).await;
-    running.stop().await;
-
-    let t = tally(&pool).await.unwrap();
-    println!("300 messages x 3 deliveries: {stats:?}, {t:?}");
-    assert_eq!(t.effects, 300, "each message's effect exactly once");
-    assert_eq!(t.distinct, 300);
-    assert_eq!(t.out_of_order_keys, 0);
-    assert_eq!(stats.handled, 300);
-    assert_eq!(stats.duplicates, 600);
-
-    // The offsets are in the database: a restarted consumer has nothing to
-    // do, and a later redelivery is still skipped.
-    produce(broker.bootstrap(), &topic, &messages[..10])
-        .await
-        .unwrap();
-    let again = InboxLayer::new(pool.clone(), "dup-test");
-    let service = ServiceBuilder::new()
-        .layer(again.clone())
-        .service_fn(effects::record);
-    let running = Running::start(&again, service, broker.bootstrap(), &topic);
-    let stats = wait_for_stats(&again, |s| s.duplicates >= 10).await;
-    running.stop().await;
-    assert_eq!(stats.handled, 0, "restart resumed at the stored offsets");
-    assert_eq!(stats.duplicates, 10);
-    assert_eq!(tally(&pool).await.unwrap().effects, 300);
-}
-
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn handler_failing_twice_then_succeeding_takes_effect_once(pool: PgPool) {
-    let (broker, topic) = setup(&pool, 1).await;
-    let messages = TestMessage::stream(5, 20);
-    let flaky = messages[37].id.unwrap();
-    produce(broker.bootstrap(), &topic, &messages)
-        .await
-        .unwrap();
-
-    let attempts: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
-    let inbox = InboxLayer::builder(pool.clone(), "flaky-test")
-        .retry(fast_retries())
-        .build();
-    let seen = Arc::clone(&attempts);
-    let service = ServiceBuilder::new()
-        .layer(inbox.clone())
-        // A tower layer inside the inbox: the second failure is a timeout.
-        // Generous, so that only the sleep below hits it on a loaded machine.
-        .timeout(Duration::from_secs(3))
-        .service_fn(move |delivery: Delivery| {
-            let seen = Arc::clone(&seen);
-            async move {
-                let attempt = {
-                    let mut seen = seen.lock().unwrap();
-                    let n = seen.entry(delivery.id()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                if delivery.id() == flaky {
-                    assert_eq!(attempt, delivery.attempt(), "Delivery::attempt counts");
-                    match attempt {
-                        1 => return Err::<(), BoxError>("first attempt fails".into()),
-                        2 => tokio::time::sleep(Duration::from_secs(60)).await,
-                        _ => {}
-                    }
-                }
-                effects::record(delivery).await
-            }
-        });
-    let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
-    wait_for_effects(&pool, 100).await;
-    running.stop().await;
-
-    let t = tally(&pool).await.unwrap();
-    assert_eq!((t.effects, t.distinct, t.out_of_order_keys), (100, 100, 0));
-    assert_eq!(attempts.lock().unwrap()[&flaky], 3);
-    let stats = inbox.stats();
-    assert_eq!(stats.failed_attempts, 2, "{stats:?}");
-    assert_eq!(stats.dead_lettered, 0);
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_dead_letters")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(dead, 0);
-}
-
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn poison_messages_go_to_dead_letters_with_their_reason_and_later_ones_flow(pool: PgPool) {
-    let (broker, topic) = setup(&pool, 1).await;
-    broker
-        .create_topic(&format!("{topic}.dlq"), 1)
-        .await
-        .unwrap();
-    let mut messages = TestMessage::stream(4, 10);
-    let undecodable = TestMessage {
-        payload: b"{not json".to_vec(),
-        ..TestMessage::step(99, 0)
-    };
-    let no_id = TestMessage {
-        id: None,
-        ..TestMessage::step(98, 0)
-    };
-    let rejected = TestMessage::step(97, 0);
-    let panicking = TestMessage::step(96, 0);
-    let (rejected_id, panicking_id) = (rejected.id.unwrap(), panicking.id.unwrap());
-    messages.insert(5, undecodable.clone());
-    messages.insert(12, no_id);
-    messages.insert(20, rejected);
-    messages.insert(30, panicking);
-    produce(broker.bootstrap(), &topic, &messages)
-        .await
-        .unwrap();
-
-    let producer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
-    let inbox = InboxLayer::builder(pool.clone(), "poison-test")
-        .retry(fast_retries())
-        .missing_id(MissingId::DeadLetter)
-        .dead_letter_topic(producer)
-        .build();
-    let service = ServiceBuilder::new().layer(inbox.clone()).service_fn(
-        move |mut delivery: Delivery| async move {
-            if delivery.id() == rejected_id {
-                return Err::<(), BoxError>(delivery.reject("sku 97 does not exist").into());
-            }
-            assert!(delivery.id() != panicking_id, "handler bug on message 96");
-            effects::record(delivery).await
-        },
-    );
-    let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
-    wait_for_stats(&inbox, |s| s.handled + s.dead_lettered >= 44).await;
-    running.stop().await;
-
-    let t = tally(&pool).await.unwrap();
-    assert_eq!(
-        (t.effects, t.distinct),
-        (40, 40),
-        "every good message handled"
-    );
-    type DeadLetter = (Option<Uuid>, String, i32, Option<Vec<u8>>);
-    let dead: Vec<DeadLetter> = sqlx::query_as(
-        "SELECT message_id, error, attempts, payload FROM consign_dead_letters ORDER BY \"offset\"",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    for (_, error, attempts, _) in &dead {
-        println!("dead letter after {attempts} attempts: {error}");
-    }
-    assert_eq!(dead.len(), 4);
-    assert_eq!(dead[0].0, undecodable.id);
-    assert!(
-        dead[0].1.contains("payload is not a valid"),
-        "{}",
-        dead[0].1
-    );
-    assert_eq!(dead[0].2, 1, "undecodable: no retries");
-    assert_eq!(
-        dead[0].3.as_deref(),
-        Some(&b"{not json"[..]),
-        "payload kept"
-    );
-    assert_eq!(dead[1].0, None);
-    assert!(dead[1].1.contains("no consign-id header"), "{}", dead[1].1);
-    assert_eq!(dead[2].0, Some(rejected_id));
-    assert!(dead[2].1.contains("sku 97 does not exist"), "{}", dead[2].1);
-    assert_eq!(dead[2].2, 1, "rejected: no retries");
-    assert_eq!(dead[3].0, Some(panicking_id));
-    assert!(
-        dead[3]
-            .1
-            .contains("handler panicked: handler bug on message 96"),
-        "{}",
-        dead[3].1
-    );
-    assert_eq!(dead[3].2, 4, "a panic is retried like an error");
-
-    // The same four on the dead-letter topic, with the reason.
-    let mut reader = TopicReader::new(broker.bootstrap(), &format!("{topic}.dlq")).unwrap();
-    let dlq = reader.read_to_end(WAIT).await.unwrap();
-    assert_eq!(dlq.len(), 4);
-    assert!(
-        dlq[2]
-            .header("consign-dlq-error")
-            .is_some_and(|e| e.contains("sku 97"))
-    );
-    assert_eq!(dlq[2].header("consign-dlq-consumer"), Some("poison-test"));
-}
-
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn consumers_joining_and_leaving_mid_stream_apply_each_effect_once_in_key_order(
-    pool: PgPool,
-) {
-    let (broker, topic) = setup(&pool, 6).await;
-    let messages = TestMessage::stream(120, 50); // 6000 messages, 120 keys
-    let inbox = InboxLayer::new(pool.clone(), "group-test");
-    let service = ServiceBuilder::new()
-        .layer(inbox.clone())
-        .service_fn(effects::record);
-
-    let first = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
-    let (a, rest) = messages.split_at(2000);
-    let (b, c) = rest.split_at(2000);
-    produce(broker.bootstrap(), &topic, a).await.unwrap();
-    wait_for_effects(&pool, 500).await;
-    // A second member joins: partitions are split between the two.
-    let second = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
-    produce(broker.bootstrap(), &topic, b).await.unwrap();
-    wait_for_effects(&pool, 3000).await;
-    // The first leaves: the second takes everything over.
-    first.stop().await;
-    produce(broker.bootstrap(), &topic, c).await.unwrap();
-    wait_for_effects(&pool, 6000).await;
-    second.stop().await;
-
-    let t = tally(&pool).await.unwrap();
-    println!(
-        "6000 messages through a changing group: {:?}, {t:?}",
-        inbox.stats()
-    );
-    assert_eq!(t.effects, 6000, "no effect applied twice");
-    assert_eq!(t.distinct, 6000, "none skipped");
-    assert_eq!(t.out_of_order_keys, 0, "per-key order of effects");
-}
-
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn database_sessions_terminated_mid_run_cause_no_double_effect(pool: PgPool) {
-    let (broker, topic) = setup(&pool, 3).await;
-    let messages = TestMessage::stream(50, 100); // 5000
-    produce(broker.bootstrap(), &topic, &messages)
-        .await
-        .unwrap();
-
-    let options: PgConnectOptions = (*pool.connect_options())
-        .clone()
-        .application_name("inbox-under-test");
-    let consumer_pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await
-        .unwrap();
-    let inbox = InboxLayer::new(consumer_pool, "terminate-test");
-    let service = ServiceBuilder::new()
-        .layer(inbox.clone())
-        .service_fn(effects::record);
-    let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
-    let mut killed = 0;
-    for _ in 0..5 {
-        let target = (tally(&pool).await.unwrap().distinct + 200).min(5000);
-        wait_for_effects(&pool, target).await;
-        killed += db::terminate_sessions(&pool, "inbox-under-test")
+broker_test! {
+    async fn every_message_delivered_three_times_takes_effect_once(pool: PgPool, broker: TestBroker) {
+        let topic = setup(&pool, &broker, 3).await;
+        let messages = TestMessage::stream(30, 10);
+        // Each message three times: twice in a row, and once more after all.
+        let doubled: Vec<TestMessage> = messages
+            .iter()
+            .flat_map(|m| [m.clone(), m.clone()])
+            .collect();
+        produce(broker.bootstrap(), &topic, &doubled).await.unwrap();
+        produce(broker.bootstrap(), &topic, &messages)
             .await
             .unwrap();
-    }
-    wait_for_effects(&pool, 5000).await;
-    running.stop().await;
 
-    let t = tally(&pool).await.unwrap();
-    println!("terminated {killed} sessions; {:?}; {t:?}", inbox.stats());
-    assert!(killed > 0);
-    assert_eq!(
-        (t.effects, t.distinct, t.out_of_order_keys),
-        (5000, 5000, 0)
-    );
+        let inbox = InboxLayer::new(pool.clone(), "dup-test");
+        let service = ServiceBuilder::new()
+            .layer(inbox.clone())
+            .service_fn(effects::record);
+        let running = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
+        let stats = wait_for_stats(&inbox, |s| s.handled + s.duplicates >= 900).await;
+        running.stop().await;
+
+        let t = tally(&pool).await.unwrap();
+        println!("300 messages x 3 deliveries: {stats:?}, {t:?}");
+        assert_eq!(t.effects, 300, "each message's effect exactly once");
+        assert_eq!(t.distinct, 300);
+        assert_eq!(t.out_of_order_keys, 0);
+        assert_eq!(stats.handled, 300);
+        assert_eq!(stats.duplicates, 600);
+
+        // The offsets are in the database: a restarted consumer has nothing to
+        // do, and a later redelivery is still skipped.
+        produce(broker.bootstrap(), &topic, &messages[..10])
+            .await
+            .unwrap();
+        let again = InboxLayer::new(pool.clone(), "dup-test");
+        let service = ServiceBuilder::new()
+            .layer(again.clone())
+            .service_fn(effects::record);
+        let running = Running::start(&again, service, broker.bootstrap(), &topic);
+        let stats = wait_for_stats(&again, |s| s.duplicates >= 10).await;
+        running.stop().await;
+        assert_eq!(stats.handled, 0, "restart resumed at the stored offsets");
+        assert_eq!(stats.duplicates, 10);
+        assert_eq!(tally(&pool).await.unwrap().effects, 300);
+    }
+}
+
+broker_test! {
+    async fn handler_failing_twice_then_succeeding_takes_effect_once(pool: PgPool, broker: TestBroker) {
+        let topic = setup(&pool, &broker, 1).await;
+        let messages = TestMessage::stream(5, 20);
+        let flaky = messages[37].id.unwrap();
+        produce(broker.bootstrap(), &topic, &messages)
+            .await
+            .unwrap();
+
+        let attempts: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
+        let inbox = InboxLayer::builder(pool.clone(), "flaky-test")
+            .retry(fast_retries())
+            .build();
+        let seen = Arc::clone(&attempts);
+        let service = ServiceBuilder::new()
+            .layer(inbox.clone())
+            // A tower layer inside the inbox: the second failure is a timeout.
+            // Generous, so that only the sleep below hits it on a loaded machine.
+            .timeout(Duration::from_secs(3))
+            .service_fn(move |delivery: Delivery| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let attempt = {
+                        let mut seen = seen.lock().unwrap();
+                        let n = seen.entry(delivery.id()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    if delivery.id() == flaky {
+                        assert_eq!(attempt, delivery.attempt(), "Delivery::attempt counts");
+                        match attempt {
+                            1 => return Err::<(), BoxError>("first attempt fails".into()),
+                            2 => tokio::time::sleep(Duration::from_secs(60)).await,
+                            _ => {}
+                        }
+                    }
+                    effects::record(delivery).await
+                }
+            });
+        let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
+        wait_for_effects(&pool, 100).await;
+        running.stop().await;
+
+        let t = tally(&pool).await.unwrap();
+        assert_eq!((t.effects, t.distinct, t.out_of_order_keys), (100, 100, 0));
+        assert_eq!(attempts.lock().unwrap()[&flaky], 3);
+        let stats = inbox.stats();
+        assert_eq!(stats.failed_attempts, 2, "{stats:?}");
+        assert_eq!(stats.dead_lettered, 0);
+        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_dead_letters")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(dead, 0);
+    }
+}
+
+broker_test! {
+    async fn poison_messages_go_to_dead_letters_with_their_reason_and_later_ones_flow(pool: PgPool, broker: TestBroker) {
+        let topic = setup(&pool, &broker, 1).await;
+        broker
+            .create_topic(&format!("{topic}.dlq"), 1)
+            .await
+            .unwrap();
+        let mut messages = TestMessage::stream(4, 10);
+        let undecodable = TestMessage {
+            payload: b"{not json".to_vec(),
+            ..TestMessage::step(99, 0)
+        };
+        let no_id = TestMessage {
+            id: None,
+            ..TestMessage::step(98, 0)
+        };
+        let rejected = TestMessage::step(97, 0);
+        let panicking = TestMessage::step(96, 0);
+        let (rejected_id, panicking_id) = (rejected.id.unwrap(), panicking.id.unwrap());
+        messages.insert(5, undecodable.clone());
+        messages.insert(12, no_id);
+        messages.insert(20, rejected);
+        messages.insert(30, panicking);
+        produce(broker.bootstrap(), &topic, &messages)
+            .await
+            .unwrap();
+
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .create()
+            .unwrap();
+        let inbox = InboxLayer::builder(pool.clone(), "poison-test")
+            .retry(fast_retries())
+            .missing_id(MissingId::DeadLetter)
+            .dead_letter_topic(producer)
+            .build();
+        let service = ServiceBuilder::new().layer(inbox.clone()).service_fn(
+            move |mut delivery: Delivery| async move {
+                if delivery.id() == rejected_id {
+                    return Err::<(), BoxError>(delivery.reject("sku 97 does not exist").into());
+                }
+                assert!(delivery.id() != panicking_id, "handler bug on message 96");
+                effects::record(delivery).await
+            },
+        );
+        let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
+        wait_for_stats(&inbox, |s| s.handled + s.dead_lettered >= 44).await;
+        running.stop().await;
+
+        let t = tally(&pool).await.unwrap();
+        assert_eq!(
+            (t.effects, t.distinct),
+            (40, 40),
+            "every good message handled"
+        );
+        type DeadLetter = (Option<Uuid>, String, i32, Option<Vec<u8>>);
+        let dead: Vec<DeadLetter> = sqlx::query_as(
+            "SELECT message_id, error, attempts, payload FROM consign_dead_letters ORDER BY \"offset\"",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        for (_, error, attempts, _) in &dead {
+            println!("dead letter after {attempts} attempts: {error}");
+        }
+        assert_eq!(dead.len(), 4);
+        assert_eq!(dead[0].0, undecodable.id);
+        assert!(
+            dead[0].1.contains("payload is not a valid"),
+            "{}",
+            dead[0].1
+        );
+        assert_eq!(dead[0].2, 1, "undecodable: no retries");
+        assert_eq!(
+            dead[0].3.as_deref(),
+            Some(&b"{not json"[..]),
+            "payload kept"
+        );
+        assert_eq!(dead[1].0, None);
+        assert!(dead[1].1.contains("no consign-id header"), "{}", dead[1].1);
+        assert_eq!(dead[2].0, Some(rejected_id));
+        assert!(dead[2].1.contains("sku 97 does not exist"), "{}", dead[2].1);
+        assert_eq!(dead[2].2, 1, "rejected: no retries");
+        assert_eq!(dead[3].0, Some(panicking_id));
+        assert!(
+            dead[3]
+                .1
+                .contains("handler panicked: handler bug on message 96"),
+            "{}",
+            dead[3].1
+        );
+        assert_eq!(dead[3].2, 4, "a panic is retried like an error");
+
+        // The same four on the dead-letter topic, with the reason.
+        let mut reader = TopicReader::new(broker.bootstrap(), &format!("{topic}.dlq")).unwrap();
+        let dlq = reader.read_to_end(WAIT).await.unwrap();
+        assert_eq!(dlq.len(), 4);
+        assert!(
+            dlq[2]
+                .header("consign-dlq-error")
+                .is_some_and(|e| e.contains("sku 97"))
+        );
+        assert_eq!(dlq[2].header("consign-dlq-consumer"), Some("poison-test"));
+    }
+}
+
+broker_test! {
+    async fn consumers_joining_and_leaving_mid_stream_apply_each_effect_once_in_key_order(pool: PgPool, broker: TestBroker) {
+        let topic = setup(&pool, &broker, 6).await;
+        let messages = TestMessage::stream(120, 50); // 6000 messages, 120 keys
+        let inbox = InboxLayer::new(pool.clone(), "group-test");
+        let service = ServiceBuilder::new()
+            .layer(inbox.clone())
+            .service_fn(effects::record);
+
+        let first = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
+        let (a, rest) = messages.split_at(2000);
+        let (b, c) = rest.split_at(2000);
+        produce(broker.bootstrap(), &topic, a).await.unwrap();
+        wait_for_effects(&pool, 500).await;
+        // A second member joins: partitions are split between the two.
+        let second = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
+        produce(broker.bootstrap(), &topic, b).await.unwrap();
+        wait_for_effects(&pool, 3000).await;
+        // The first leaves: the second takes everything over.
+        first.stop().await;
+        produce(broker.bootstrap(), &topic, c).await.unwrap();
+        wait_for_effects(&pool, 6000).await;
+        second.stop().await;
+
+        let t = tally(&pool).await.unwrap();
+        println!(
+            "6000 messages through a changing group: {:?}, {t:?}",
+            inbox.stats()
+        );
+        assert_eq!(t.effects, 6000, "no effect applied twice");
+        assert_eq!(t.distinct, 6000, "none skipped");
+        assert_eq!(t.out_of_order_keys, 0, "per-key order of effects");
+    }
+}
+
+broker_test! {
+    async fn database_sessions_terminated_mid_run_cause_no_double_effect(pool: PgPool, broker: TestBroker) {
+        let topic = setup(&pool, &broker, 3).await;
+        let messages = TestMessage::stream(50, 100); // 5000
+        produce(broker.bootstrap(), &topic, &messages)
+            .await
+            .unwrap();
+
+        let options: PgConnectOptions = (*pool.connect_options())
+            .clone()
+            .application_name("inbox-under-test");
+        let consumer_pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let inbox = InboxLayer::new(consumer_pool, "terminate-test");
+        let service = ServiceBuilder::new()
+            .layer(inbox.clone())
+            .service_fn(effects::record);
+        let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
+        let mut killed = 0;
+        for _ in 0..5 {
+            let target = (tally(&pool).await.unwrap().distinct + 200).min(5000);
+            wait_for_effects(&pool, target).await;
+            killed += db::terminate_sessions(&pool, "inbox-under-test")
+                .await
+                .unwrap();
+        }
+        wait_for_effects(&pool, 5000).await;
+        running.stop().await;
+
+        let t = tally(&pool).await.unwrap();
+        println!("terminated {killed} sessions; {:?}; {t:?}", inbox.stats());
+        assert!(killed > 0);
+        assert_eq!(
+            (t.effects, t.distinct, t.out_of_order_keys),
+            (5000, 5000, 0)
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::{collections::HashMap, time::Duration};
 
 use consign::{Message, Outbox, Relay, relay::RelayHandle};
 use consign_test_support::{
-    TestBroker, TopicReader, db, eventually, fast_relay_settings, unique_topic,
+    TestBroker, TopicReader, broker_test, db, eventually, fast_relay_settings, unique_topic,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rdkafka::types::RDKafkaRespErr;
@@ -26,236 +26,236 @@ async fn drained(pool: &PgPool) {
     db::wait_drained(pool, WAIT).await.unwrap();
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn committed_events_arrive_with_key_payload_and_headers_intact(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("intact");
-    broker.create_topic(&topic, 4).await.unwrap();
+broker_test! {
+    async fn committed_events_arrive_with_key_payload_and_headers_intact(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("intact");
+        broker.create_topic(&topic, 4).await.unwrap();
 
-    let all_bytes: Vec<u8> = (0..=255).collect();
-    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let sent = vec![
-        Message::new(&topic, "Keyed", b"{\"a\":1}".to_vec())
-            .with_key("order-1")
-            .with_header("tenant", "acme")
-            .with_header("z-last", "ünïcødé ✓"),
-        Message::new(&topic, "Binary", all_bytes).with_key("order-2"),
-        Message::new(&topic, "Empty", Vec::new()),
-        Message::new(&topic, "Traced", b"t".to_vec())
-            .with_key("order-1")
-            .with_trace_context(trace, Some("vendor=opaque".into())),
-        Message::json(&topic, "Json", &serde_json::json!({"n": [1, 2, 3]})).unwrap(),
-    ];
-    let outbox = Outbox::new();
-    let mut tx = pool.begin().await.unwrap();
-    outbox.enqueue(&mut *tx, sent[0].clone()).await.unwrap();
-    outbox.enqueue_batch(&mut *tx, &sent[1..]).await.unwrap();
-    tx.commit().await.unwrap();
-
-    let relay = relay(&pool, &broker).build().unwrap().spawn();
-    relay.wake();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    let received = reader
-        .read_distinct(sent.len(), WAIT)
-        .await
-        .unwrap()
-        .to_vec();
-    drained(&pool).await;
-    relay.shutdown().await.unwrap();
-
-    assert_eq!(received.len(), sent.len(), "no duplicates without faults");
-    let by_id: HashMap<Uuid, _> = received.iter().map(|r| (r.id().unwrap(), r)).collect();
-    for msg in &sent {
-        let got = by_id[&msg.id()];
-        assert_eq!(got.key.as_deref(), msg.key(), "{}", msg.event_type());
-        assert_eq!(got.payload, msg.payload(), "{}", msg.event_type());
-        let mut expected: Vec<(String, Vec<u8>)> = vec![
-            ("consign-id".into(), msg.id().to_string().into_bytes()),
-            (
-                "consign-event-type".into(),
-                msg.event_type().as_bytes().to_vec(),
-            ),
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let sent = vec![
+            Message::new(&topic, "Keyed", b"{\"a\":1}".to_vec())
+                .with_key("order-1")
+                .with_header("tenant", "acme")
+                .with_header("z-last", "ünïcødé ✓"),
+            Message::new(&topic, "Binary", all_bytes).with_key("order-2"),
+            Message::new(&topic, "Empty", Vec::new()),
+            Message::new(&topic, "Traced", b"t".to_vec())
+                .with_key("order-1")
+                .with_trace_context(trace, Some("vendor=opaque".into())),
+            Message::json(&topic, "Json", &serde_json::json!({"n": [1, 2, 3]})).unwrap(),
         ];
-        if let Some(tp) = msg.traceparent() {
-            expected.push(("traceparent".into(), tp.as_bytes().to_vec()));
+        let outbox = Outbox::new();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue(&mut *tx, sent[0].clone()).await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &sent[1..]).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let relay = relay(&pool, &broker).build().unwrap().spawn();
+        relay.wake();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        let received = reader
+            .read_distinct(sent.len(), WAIT)
+            .await
+            .unwrap()
+            .to_vec();
+        drained(&pool).await;
+        relay.shutdown().await.unwrap();
+
+        assert_eq!(received.len(), sent.len(), "no duplicates without faults");
+        let by_id: HashMap<Uuid, _> = received.iter().map(|r| (r.id().unwrap(), r)).collect();
+        for msg in &sent {
+            let got = by_id[&msg.id()];
+            assert_eq!(got.key.as_deref(), msg.key(), "{}", msg.event_type());
+            assert_eq!(got.payload, msg.payload(), "{}", msg.event_type());
+            let mut expected: Vec<(String, Vec<u8>)> = vec![
+                ("consign-id".into(), msg.id().to_string().into_bytes()),
+                (
+                    "consign-event-type".into(),
+                    msg.event_type().as_bytes().to_vec(),
+                ),
+            ];
+            if let Some(tp) = msg.traceparent() {
+                expected.push(("traceparent".into(), tp.as_bytes().to_vec()));
+            }
+            if let Some(ts) = msg.tracestate() {
+                expected.push(("tracestate".into(), ts.as_bytes().to_vec()));
+            }
+            for (name, value) in msg.headers() {
+                expected.push((name.clone(), value.as_bytes().to_vec()));
+            }
+            assert_eq!(got.headers, expected, "{}", msg.event_type());
+            assert!(got.timestamp.is_some_and(|t| t > 1_700_000_000_000));
         }
-        if let Some(ts) = msg.tracestate() {
-            expected.push(("tracestate".into(), ts.as_bytes().to_vec()));
-        }
-        for (name, value) in msg.headers() {
-            expected.push((name.clone(), value.as_bytes().to_vec()));
-        }
-        assert_eq!(got.headers, expected, "{}", msg.event_type());
-        assert!(got.timestamp.is_some_and(|t| t > 1_700_000_000_000));
+        // Same key, same Kafka partition, in enqueue order.
+        let order_1: Vec<_> = received
+            .iter()
+            .filter(|r| r.key.as_deref() == Some("order-1"))
+            .collect();
+        assert_eq!(order_1.len(), 2);
+        assert_eq!(order_1[0].partition, order_1[1].partition);
+        assert_eq!(order_1[0].header("consign-event-type"), Some("Keyed"));
+        assert_eq!(order_1[1].header("consign-event-type"), Some("Traced"));
     }
-    // Same key, same Kafka partition, in enqueue order.
-    let order_1: Vec<_> = received
-        .iter()
-        .filter(|r| r.key.as_deref() == Some("order-1"))
-        .collect();
-    assert_eq!(order_1.len(), 2);
-    assert_eq!(order_1[0].partition, order_1[1].partition);
-    assert_eq!(order_1[0].header("consign-event-type"), Some("Keyed"));
-    assert_eq!(order_1[1].header("consign-event-type"), Some("Traced"));
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn rolled_back_transactions_publish_nothing(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("rollback");
-    broker.create_topic(&topic, 1).await.unwrap();
-    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let outbox = Outbox::new();
+broker_test! {
+    async fn rolled_back_transactions_publish_nothing(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("rollback");
+        broker.create_topic(&topic, 1).await.unwrap();
+        sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let outbox = Outbox::new();
 
-    // Explicit rollback.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders VALUES (1)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    outbox
-        .enqueue(&mut *tx, Message::new(&topic, "RolledBack", b"1".to_vec()))
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    // A business statement fails after the enqueue: the caller drops the
-    // transaction, which rolls it back.
-    let mut tx = pool.begin().await.unwrap();
-    outbox
-        .enqueue(&mut *tx, Message::new(&topic, "Failed", b"2".to_vec()))
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO orders VALUES (NULL)")
-        .execute(&mut *tx)
-        .await
-        .unwrap_err();
-    drop(tx);
-    // Committed.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders VALUES (3)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let committed = outbox
-        .enqueue(&mut *tx, Message::new(&topic, "Committed", b"3".to_vec()))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+        // Explicit rollback.
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO orders VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        outbox
+            .enqueue(&mut *tx, Message::new(&topic, "RolledBack", b"1".to_vec()))
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        // A business statement fails after the enqueue: the caller drops the
+        // transaction, which rolls it back.
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .enqueue(&mut *tx, Message::new(&topic, "Failed", b"2".to_vec()))
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO orders VALUES (NULL)")
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
+        drop(tx);
+        // Committed.
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO orders VALUES (3)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let committed = outbox
+            .enqueue(&mut *tx, Message::new(&topic, "Committed", b"3".to_vec()))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
 
-    let relay = relay(&pool, &broker).build().unwrap().spawn();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    reader.read_distinct(1, WAIT).await.unwrap();
-    drained(&pool).await;
-    relay.shutdown().await.unwrap();
-    let received = reader.read_to_end(WAIT).await.unwrap();
+        let relay = relay(&pool, &broker).build().unwrap().spawn();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        reader.read_distinct(1, WAIT).await.unwrap();
+        drained(&pool).await;
+        relay.shutdown().await.unwrap();
+        let received = reader.read_to_end(WAIT).await.unwrap();
 
-    let ids: Vec<_> = received.iter().map(|r| r.id().unwrap()).collect();
-    assert_eq!(
-        ids,
-        vec![committed],
-        "only the committed event reached the topic"
-    );
+        let ids: Vec<_> = received.iter().map(|r| r.id().unwrap()).collect();
+        assert_eq!(
+            ids,
+            vec![committed],
+            "only the committed event reached the topic"
+        );
+    }
 }
 
-/// Writers take a row lock on their key's counter, so per key the counter
-/// value is the commit order; the topic must show 1, 2, 3, ... per key.
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn per_key_order_holds_over_10k_events_and_100_keys(pool: PgPool) {
-    const EVENTS: usize = 10_000;
-    const KEYS: usize = 100;
-    const WRITERS: u64 = 4;
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("order");
-    broker.create_topic(&topic, 8).await.unwrap();
-    sqlx::query("CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO counters SELECT 'key-' || g, 0 FROM generate_series(0, $1 - 1) g")
-        .bind(i32::try_from(KEYS).unwrap())
-        .execute(&pool)
-        .await
-        .unwrap();
+broker_test! {
+    /// Writers take a row lock on their key's counter, so per key the counter
+    /// value is the commit order; the topic must show 1, 2, 3, ... per key.
+    async fn per_key_order_holds_over_10k_events_and_100_keys(pool: PgPool, broker: TestBroker) {
+        const EVENTS: usize = 10_000;
+        const KEYS: usize = 100;
+        const WRITERS: u64 = 4;
+        let topic = unique_topic("order");
+        broker.create_topic(&topic, 8).await.unwrap();
+        sqlx::query("CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO counters SELECT 'key-' || g, 0 FROM generate_series(0, $1 - 1) g")
+            .bind(i32::try_from(KEYS).unwrap())
+            .execute(&pool)
+            .await
+            .unwrap();
 
-    let relay = relay(&pool, &broker)
-        .batch_size(500)
-        .build()
-        .unwrap()
-        .spawn();
-    let seed: u64 = rand::random();
-    println!("seed {seed}");
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let (pool, topic, waker) = (pool.clone(), topic.clone(), relay.waker());
-            tokio::spawn(async move {
-                let mut rng = StdRng::seed_from_u64(seed + w);
-                let mut written = 0;
-                while written < EVENTS / 4 {
-                    let mut keys: Vec<usize> = (0..rng.random_range(1..=3))
-                        .map(|_| rng.random_range(0..KEYS))
-                        .collect();
-                    keys.sort_unstable();
-                    keys.dedup();
-                    keys.truncate(EVENTS / 4 - written);
-                    let mut tx = pool.begin().await.unwrap();
-                    let mut batch = Vec::new();
-                    for key in keys {
-                        let key = format!("key-{key}");
-                        let n: i32 = sqlx::query_scalar(
-                            "UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n",
-                        )
-                        .bind(&key)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .unwrap();
-                        batch.push(Message::new(&topic, "Counted", n.to_string()).with_key(key));
+        let relay = relay(&pool, &broker)
+            .batch_size(500)
+            .build()
+            .unwrap()
+            .spawn();
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (pool, topic, waker) = (pool.clone(), topic.clone(), relay.waker());
+                tokio::spawn(async move {
+                    let mut rng = StdRng::seed_from_u64(seed + w);
+                    let mut written = 0;
+                    while written < EVENTS / 4 {
+                        let mut keys: Vec<usize> = (0..rng.random_range(1..=3))
+                            .map(|_| rng.random_range(0..KEYS))
+                            .collect();
+                        keys.sort_unstable();
+                        keys.dedup();
+                        keys.truncate(EVENTS / 4 - written);
+                        let mut tx = pool.begin().await.unwrap();
+                        let mut batch = Vec::new();
+                        for key in keys {
+                            let key = format!("key-{key}");
+                            let n: i32 = sqlx::query_scalar(
+                                "UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n",
+                            )
+                            .bind(&key)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .unwrap();
+                            batch.push(Message::new(&topic, "Counted", n.to_string()).with_key(key));
+                        }
+                        written += batch.len();
+                        Outbox::new().enqueue_batch(&mut *tx, &batch).await.unwrap();
+                        tx.commit().await.unwrap();
+                        waker.wake();
                     }
-                    written += batch.len();
-                    Outbox::new().enqueue_batch(&mut *tx, &batch).await.unwrap();
-                    tx.commit().await.unwrap();
-                    waker.wake();
-                }
+                })
             })
-        })
-        .collect();
-    for writer in writers {
-        writer.await.unwrap();
-    }
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
 
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    let received = reader.read_distinct(EVENTS, WAIT).await.unwrap().to_vec();
-    relay.shutdown().await.unwrap();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        let received = reader.read_distinct(EVENTS, WAIT).await.unwrap().to_vec();
+        relay.shutdown().await.unwrap();
 
-    let mut seen = std::collections::HashSet::new();
-    let mut per_key: HashMap<String, (i32, Vec<i32>)> = HashMap::new();
-    for r in received.iter().filter(|r| seen.insert(r.id().unwrap())) {
-        let n: i32 = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
-        let entry = per_key
-            .entry(r.key.clone().unwrap())
-            .or_insert((r.partition, Vec::new()));
-        assert_eq!(entry.0, r.partition, "one key, one Kafka partition");
-        entry.1.push(n);
+        let mut seen = std::collections::HashSet::new();
+        let mut per_key: HashMap<String, (i32, Vec<i32>)> = HashMap::new();
+        for r in received.iter().filter(|r| seen.insert(r.id().unwrap())) {
+            let n: i32 = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
+            let entry = per_key
+                .entry(r.key.clone().unwrap())
+                .or_insert((r.partition, Vec::new()));
+            assert_eq!(entry.0, r.partition, "one key, one Kafka partition");
+            entry.1.push(n);
+        }
+        let finals: HashMap<String, i32> = sqlx::query_as("SELECT key, n FROM counters")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(per_key.len(), KEYS);
+        for (key, (_, ns)) in &per_key {
+            let expected: Vec<i32> = (1..=finals[key]).collect();
+            assert_eq!(ns, &expected, "events of {key} out of order or missing");
+        }
+        println!(
+            "{} events over {} keys in order; {} duplicates",
+            seen.len(),
+            per_key.len(),
+            reader.duplicates()
+        );
     }
-    let finals: HashMap<String, i32> = sqlx::query_as("SELECT key, n FROM counters")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert_eq!(per_key.len(), KEYS);
-    for (key, (_, ns)) in &per_key {
-        let expected: Vec<i32> = (1..=finals[key]).collect();
-        assert_eq!(ns, &expected, "events of {key} out of order or missing");
-    }
-    println!(
-        "{} events over {} keys in order; {} duplicates",
-        seen.len(),
-        per_key.len(),
-        reader.duplicates()
-    );
 }
 
 async fn enqueue_all(pool: &PgPool, msgs: &[Message]) {
@@ -324,59 +324,59 @@ async fn row_refused_by_the_broker_keeps_its_error_while_other_rows_flow(pool: P
     relay.shutdown().await.unwrap();
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn oversize_row_holds_back_only_later_rows_of_its_own_key(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("oversize");
-    broker.create_topic(&topic, 2).await.unwrap();
+broker_test! {
+    async fn oversize_row_holds_back_only_later_rows_of_its_own_key(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("oversize");
+        broker.create_topic(&topic, 2).await.unwrap();
 
-    // The producer takes at most 10 000 bytes per message; the outbox
-    // accepted 20 000 (its default limit is 900 KiB).
-    let big = Message::new(&topic, "Big", vec![7; 20_000]).with_key("a");
-    let after_big = Message::new(&topic, "AfterBig", b"small".to_vec()).with_key("a");
-    let other = Message::new(&topic, "Other", b"small".to_vec()).with_key("b");
-    enqueue_all(&pool, &[big.clone(), after_big.clone(), other.clone()]).await;
+        // The producer takes at most 10 000 bytes per message; the outbox
+        // accepted 20 000 (its default limit is 900 KiB).
+        let big = Message::new(&topic, "Big", vec![7; 20_000]).with_key("a");
+        let after_big = Message::new(&topic, "AfterBig", b"small".to_vec()).with_key("a");
+        let other = Message::new(&topic, "Other", b"small".to_vec()).with_key("b");
+        enqueue_all(&pool, &[big.clone(), after_big.clone(), other.clone()]).await;
 
-    let relay = relay(&pool, &broker)
-        .kafka("message.max.bytes", "10000")
-        .build()
-        .unwrap()
-        .spawn();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    reader.read_distinct(1, WAIT).await.unwrap();
-    let (attempts, error) = eventually("the oversize row to be retried", WAIT, || async {
-        Ok(row_state(&pool, big.id()).await.filter(|(a, _)| *a >= 3))
-    })
-    .await
-    .unwrap();
-    println!("oversize row: attempts={attempts} last_error={error:?}");
-    assert!(error.unwrap().to_lowercase().contains("too large"));
-    assert_eq!(
-        row_state(&pool, after_big.id()).await,
-        Some((0, None)),
-        "the later row of key a waits, untried, behind the refused one"
-    );
-    assert_eq!(reader.received().len(), 1);
-    assert_eq!(
-        reader.received()[0].id(),
-        Some(other.id()),
-        "key b was not held back"
-    );
-
-    // An operator shrinks the payload; both rows of key a follow, in order.
-    sqlx::query("UPDATE consign_outbox SET payload = 'fixed' WHERE id = $1")
-        .bind(big.id())
-        .execute(&pool)
+        let relay = relay(&pool, &broker)
+            .kafka("message.max.bytes", "10000")
+            .build()
+            .unwrap()
+            .spawn();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        reader.read_distinct(1, WAIT).await.unwrap();
+        let (attempts, error) = eventually("the oversize row to be retried", WAIT, || async {
+            Ok(row_state(&pool, big.id()).await.filter(|(a, _)| *a >= 3))
+        })
         .await
         .unwrap();
-    let received = reader.read_distinct(3, WAIT).await.unwrap();
-    let a: Vec<_> = received
-        .iter()
-        .filter(|r| r.key.as_deref() == Some("a"))
-        .map(|r| r.id().unwrap())
-        .collect();
-    assert_eq!(a, vec![big.id(), after_big.id()]);
-    relay.shutdown().await.unwrap();
+        println!("oversize row: attempts={attempts} last_error={error:?}");
+        assert!(error.unwrap().to_lowercase().contains("too large"));
+        assert_eq!(
+            row_state(&pool, after_big.id()).await,
+            Some((0, None)),
+            "the later row of key a waits, untried, behind the refused one"
+        );
+        assert_eq!(reader.received().len(), 1);
+        assert_eq!(
+            reader.received()[0].id(),
+            Some(other.id()),
+            "key b was not held back"
+        );
+
+        // An operator shrinks the payload; both rows of key a follow, in order.
+        sqlx::query("UPDATE consign_outbox SET payload = 'fixed' WHERE id = $1")
+            .bind(big.id())
+            .execute(&pool)
+            .await
+            .unwrap();
+        let received = reader.read_distinct(3, WAIT).await.unwrap();
+        let a: Vec<_> = received
+            .iter()
+            .filter(|r| r.key.as_deref() == Some("a"))
+            .map(|r| r.id().unwrap())
+            .collect();
+        assert_eq!(a, vec![big.id(), after_big.id()]);
+        relay.shutdown().await.unwrap();
+    }
 }
 
 /// Writes `count` keyed events in transactions of 10, waking `relay`.
@@ -460,52 +460,52 @@ async fn all_brokers_down_for_12s_loses_nothing_and_flow_resumes(pool: PgPool) {
     relay.shutdown().await.unwrap();
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn relay_reconnects_after_its_database_sessions_are_terminated(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("terminate");
-    broker.create_topic(&topic, 3).await.unwrap();
-    let relay_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(
-            (*pool.connect_options())
-                .clone()
-                .application_name("relay-under-test"),
-        )
-        .await
-        .unwrap();
-    let relay = Relay::builder(relay_pool)
-        .kafka("bootstrap.servers", broker.bootstrap())
-        .settings(fast_relay_settings())
-        .batch_size(100)
-        .build()
-        .unwrap()
-        .spawn();
-
-    let mut ids = Vec::new();
-    let mut terminated = 0;
-    for _ in 0..8 {
-        ids.extend(write_events(&pool, &topic, 300, &relay, Duration::from_millis(5)).await);
-        terminated += db::terminate_sessions(&pool, "relay-under-test")
+broker_test! {
+    async fn relay_reconnects_after_its_database_sessions_are_terminated(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("terminate");
+        broker.create_topic(&topic, 3).await.unwrap();
+        let relay_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(
+                (*pool.connect_options())
+                    .clone()
+                    .application_name("relay-under-test"),
+            )
             .await
             .unwrap();
-    }
-    println!("terminated {terminated} relay sessions");
-    assert!(
-        terminated >= 4,
-        "the relay's sessions were terminated mid-stream"
-    );
+        let relay = Relay::builder(relay_pool)
+            .kafka("bootstrap.servers", broker.bootstrap())
+            .settings(fast_relay_settings())
+            .batch_size(100)
+            .build()
+            .unwrap()
+            .spawn();
 
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    let received = reader.read_distinct(ids.len(), WAIT).await.unwrap();
-    let got: std::collections::HashSet<_> = received.iter().map(|r| r.id().unwrap()).collect();
-    assert!(ids.iter().all(|id| got.contains(id)));
-    drained(&pool).await;
-    println!(
-        "{} events, {} duplicates, stats {:?}",
-        ids.len(),
-        reader.duplicates(),
-        relay.stats()
-    );
-    relay.shutdown().await.unwrap();
+        let mut ids = Vec::new();
+        let mut terminated = 0;
+        for _ in 0..8 {
+            ids.extend(write_events(&pool, &topic, 300, &relay, Duration::from_millis(5)).await);
+            terminated += db::terminate_sessions(&pool, "relay-under-test")
+                .await
+                .unwrap();
+        }
+        println!("terminated {terminated} relay sessions");
+        assert!(
+            terminated >= 4,
+            "the relay's sessions were terminated mid-stream"
+        );
+
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        let received = reader.read_distinct(ids.len(), WAIT).await.unwrap();
+        let got: std::collections::HashSet<_> = received.iter().map(|r| r.id().unwrap()).collect();
+        assert!(ids.iter().all(|id| got.contains(id)));
+        drained(&pool).await;
+        println!(
+            "{} events, {} duplicates, stats {:?}",
+            ids.len(),
+            reader.duplicates(),
+            relay.stats()
+        );
+        relay.shutdown().await.unwrap();
+    }
 }

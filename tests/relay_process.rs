@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use consign_test_support::{
-    RelayProcess, TestBroker, TopicReader, db, eventually,
+    RelayProcess, TopicReader, broker_test, db, eventually,
     net::TcpProxy,
     relay_config,
     stream::{Stream, assert_complete_and_ordered, write_stream},
@@ -17,187 +17,187 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool) {
-    const EVENTS: usize = 20_000;
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("sigkill");
-    broker.create_topic(&topic, 6).await.unwrap();
-    let config = relay_config(
-        &db::url(&pool),
-        broker.bootstrap(),
-        &[("batch-size", "200")],
-        &[],
-    );
+broker_test! {
+    async fn relay_killed_with_sigkill_at_random_points_loses_nothing(pool: PgPool, broker: TestBroker) {
+        const EVENTS: usize = 20_000;
+        let topic = unique_topic("sigkill");
+        broker.create_topic(&topic, 6).await.unwrap();
+        let config = relay_config(
+            &db::url(&pool),
+            broker.bootstrap(),
+            &[("batch-size", "200")],
+            &[],
+        );
 
-    let seed: u64 = rand::random();
-    println!("seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
-    // With 50 ms broker round trips, each batch spends most of its time
-    // produced but not yet acknowledged or deleted: kills land mid-batch.
-    if let Some(mock) = broker.mock() {
-        mock.set_round_trip(Duration::from_millis(50)).unwrap();
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = StdRng::seed_from_u64(seed);
+        // With 50 ms broker round trips, each batch spends most of its time
+        // produced but not yet acknowledged or deleted: kills land mid-batch.
+        if let Some(mock) = broker.mock() {
+            mock.set_round_trip(Duration::from_millis(50)).unwrap();
+        }
+        // A stream of at least 8 s (20 events per 8 ms); the relay is killed at
+        // random points for as long as it lasts.
+        let writer = tokio::spawn(write_stream(
+            pool.clone(),
+            topic.clone(),
+            Stream::new(EVENTS, 50)
+                .per_tx(20)
+                .pace(Duration::from_millis(8)),
+        ));
+        let mut relay = RelayProcess::start(&config).unwrap();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        let (mut kills, mut busy_kills) = (0, 0);
+        while !writer.is_finished() && kills < 15 {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
+            let waiting = db::outbox_len(&pool).await.unwrap();
+            relay.kill().unwrap();
+            kills += 1;
+            busy_kills += usize::from(waiting > 0);
+            println!("kill {kills}: SIGKILL with {waiting} rows in the outbox");
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+            relay = RelayProcess::start(&config).unwrap();
+        }
+        assert!(
+            busy_kills >= 5,
+            "only {busy_kills} of {kills} kills hit a relay with work to do"
+        );
+        let ids = writer.await.unwrap();
+        reader.read_distinct(EVENTS, WAIT).await.unwrap();
+        db::wait_drained(&pool, WAIT).await.unwrap();
+        reader.read_to_end(WAIT).await.unwrap();
+        println!(
+            "{} events delivered after {kills} SIGKILLs; {} duplicates on the topic",
+            reader.distinct(),
+            reader.duplicates()
+        );
+        assert_complete_and_ordered(&ids, &reader);
+        relay.terminate(Duration::from_secs(20)).await.unwrap();
     }
-    // A stream of at least 8 s (20 events per 8 ms); the relay is killed at
-    // random points for as long as it lasts.
-    let writer = tokio::spawn(write_stream(
-        pool.clone(),
-        topic.clone(),
-        Stream::new(EVENTS, 50)
-            .per_tx(20)
-            .pace(Duration::from_millis(8)),
-    ));
-    let mut relay = RelayProcess::start(&config).unwrap();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    let (mut kills, mut busy_kills) = (0, 0);
-    while !writer.is_finished() && kills < 15 {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
-        let waiting = db::outbox_len(&pool).await.unwrap();
-        relay.kill().unwrap();
-        kills += 1;
-        busy_kills += usize::from(waiting > 0);
-        println!("kill {kills}: SIGKILL with {waiting} rows in the outbox");
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
-        relay = RelayProcess::start(&config).unwrap();
-    }
-    assert!(
-        busy_kills >= 5,
-        "only {busy_kills} of {kills} kills hit a relay with work to do"
-    );
-    let ids = writer.await.unwrap();
-    reader.read_distinct(EVENTS, WAIT).await.unwrap();
-    db::wait_drained(&pool, WAIT).await.unwrap();
-    reader.read_to_end(WAIT).await.unwrap();
-    println!(
-        "{} events delivered after {kills} SIGKILLs; {} duplicates on the topic",
-        reader.distinct(),
-        reader.duplicates()
-    );
-    assert_complete_and_ordered(&ids, &reader);
-    relay.terminate(Duration::from_secs(20)).await.unwrap();
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("sigterm");
-    broker.create_topic(&topic, 3).await.unwrap();
-    let config = relay_config(
-        &db::url(&pool),
-        broker.bootstrap(),
-        &[("batch-size", "200")],
-        &[],
-    );
+broker_test! {
+    async fn sigterm_exits_zero_and_loses_nothing(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("sigterm");
+        broker.create_topic(&topic, 3).await.unwrap();
+        let config = relay_config(
+            &db::url(&pool),
+            broker.bootstrap(),
+            &[("batch-size", "200")],
+            &[],
+        );
 
-    let (writer, mut relay, mut reader) =
-        relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 5000, 50).await;
-    relay.stop(Duration::from_secs(30)).await.unwrap();
-    let output = relay.output();
-    assert!(output.contains("relay stopped"), "{output}");
+        let (writer, mut relay, mut reader) =
+            relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 5000, 50).await;
+        relay.stop(Duration::from_secs(30)).await.unwrap();
+        let output = relay.output();
+        assert!(output.contains("relay stopped"), "{output}");
 
-    let ids = writer.await.unwrap();
-    let left = db::outbox_len(&pool).await.unwrap();
-    println!("stopped with {left} rows left in the outbox");
-    let mut relay = RelayProcess::start(&config).unwrap();
-    reader.read_distinct(ids.len(), WAIT).await.unwrap();
-    assert_complete_and_ordered(&ids, &reader);
-    relay.terminate(Duration::from_secs(20)).await.unwrap();
+        let ids = writer.await.unwrap();
+        let left = db::outbox_len(&pool).await.unwrap();
+        println!("stopped with {left} rows left in the outbox");
+        let mut relay = RelayProcess::start(&config).unwrap();
+        reader.read_distinct(ids.len(), WAIT).await.unwrap();
+        assert_complete_and_ordered(&ids, &reader);
+        relay.terminate(Duration::from_secs(20)).await.unwrap();
+    }
 }
 
-/// A database that stops answering (a query waiting on a lock, then
-/// connections gone silent as in a hung server or a partition that drops
-/// packets) cannot hold a stopping relay: the batch stuck in its query is
-/// abandoned after `shutdown-timeout` plus 5 s, lease upkeep and sampling
-/// are dropped, the relay exits 0, and a successor delivers everything.
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn sigterm_while_postgres_hangs_exits_and_loses_nothing(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("pghang");
-    broker.create_topic(&topic, 3).await.unwrap();
-    let (proxy, url) = TcpProxy::for_database(&pool).await.unwrap();
-    // Connections to spare, so the publishing loop gets stuck in its query
-    // rather than waiting for a connection (which times out by itself).
-    let proxied = relay_config(&url, broker.bootstrap(), &[("batch-size", "200")], &[])
-        .replace("[database]\n", "[database]\nmax-connections = 8\n");
+broker_test! {
+    /// A database that stops answering (a query waiting on a lock, then
+    /// connections gone silent as in a hung server or a partition that drops
+    /// packets) cannot hold a stopping relay: the batch stuck in its query is
+    /// abandoned after `shutdown-timeout` plus 5 s, lease upkeep and sampling
+    /// are dropped, the relay exits 0, and a successor delivers everything.
+    async fn sigterm_while_postgres_hangs_exits_and_loses_nothing(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("pghang");
+        broker.create_topic(&topic, 3).await.unwrap();
+        let (proxy, url) = TcpProxy::for_database(&pool).await.unwrap();
+        // Connections to spare, so the publishing loop gets stuck in its query
+        // rather than waiting for a connection (which times out by itself).
+        let proxied = relay_config(&url, broker.bootstrap(), &[("batch-size", "200")], &[])
+            .replace("[database]\n", "[database]\nmax-connections = 8\n");
 
-    let (writer, mut relay, mut reader) =
-        relay_mid_stream(&pool, broker.bootstrap(), &topic, &proxied, 3000, 30).await;
-    // Mid-stream a migration-like lock holds the outbox: the relay's next
-    // read (within one poll interval) waits on it. Then its connections go
-    // silent as well (lease upkeep, health checks, the final release).
-    let lock = db::lock_outbox(&pool).await.unwrap();
-    eventually("the relay's read waits on the lock", WAIT, || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
+        let (writer, mut relay, mut reader) =
+            relay_mid_stream(&pool, broker.bootstrap(), &topic, &proxied, 3000, 30).await;
+        // Mid-stream a migration-like lock holds the outbox: the relay's next
+        // read (within one poll interval) waits on it. Then its connections go
+        // silent as well (lease upkeep, health checks, the final release).
+        let lock = db::lock_outbox(&pool).await.unwrap();
+        eventually("the relay's read waits on the lock", WAIT, || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await?;
+            Ok((waiting > 0).then_some(()))
+        })
+        .await
+        .unwrap();
+        proxy.freeze();
+        let stopping = std::time::Instant::now();
+        relay.stop(Duration::from_secs(40)).await.unwrap();
+        let output = relay.output();
+        println!("stopped in {:?} with PostgreSQL silent", stopping.elapsed());
+        assert!(output.contains("abandoning it"), "{output}");
+        assert!(output.contains("relay stopped"), "{output}");
+        lock.rollback().await.unwrap();
+
+        let ids = writer.await.unwrap();
+        let direct = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[]);
+        let mut successor = RelayProcess::start(&direct).unwrap();
+        reader.read_distinct(ids.len(), WAIT).await.unwrap();
+        assert_complete_and_ordered(&ids, &reader);
+        println!(
+            "{} events delivered, {} duplicates",
+            reader.distinct(),
+            reader.duplicates()
+        );
+        successor.terminate(Duration::from_secs(20)).await.unwrap();
+    }
+}
+
+broker_test! {
+    /// A lock held on the outbox (a migration, a forgotten transaction) does not
+    /// stall a running relay unseen: its statement is cancelled after
+    /// `database.statement-timeout`, it says so, retries with backoff, and
+    /// carries on once the lock is gone.
+    async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("stmt-timeout");
+        broker.create_topic(&topic, 3).await.unwrap();
+        let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[])
+            .replace("[database]\n", "[database]\nstatement-timeout = \"1s\"\n");
+        let (writer, mut relay, mut reader) =
+            relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000, 30).await;
+        let lock = db::lock_outbox(&pool).await.unwrap();
+        // Without a statement timeout the relay's read would wait as long as
+        // the lock is held, and say nothing. Twice: cancelled, retried, and
+        // cancelled again while the lock stays.
+        eventually(
+            "the relay to report cancelled statements",
+            Duration::from_secs(30),
+            || async {
+                let reports = relay.output().matches("statement_timeout").count();
+                Ok((reports >= 2).then_some(()))
+            },
         )
-        .fetch_one(&pool)
-        .await?;
-        Ok((waiting > 0).then_some(()))
-    })
-    .await
-    .unwrap();
-    proxy.freeze();
-    let stopping = std::time::Instant::now();
-    relay.stop(Duration::from_secs(40)).await.unwrap();
-    let output = relay.output();
-    println!("stopped in {:?} with PostgreSQL silent", stopping.elapsed());
-    assert!(output.contains("abandoning it"), "{output}");
-    assert!(output.contains("relay stopped"), "{output}");
-    lock.rollback().await.unwrap();
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.output()));
+        lock.rollback().await.unwrap();
 
-    let ids = writer.await.unwrap();
-    let direct = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[]);
-    let mut successor = RelayProcess::start(&direct).unwrap();
-    reader.read_distinct(ids.len(), WAIT).await.unwrap();
-    assert_complete_and_ordered(&ids, &reader);
-    println!(
-        "{} events delivered, {} duplicates",
-        reader.distinct(),
-        reader.duplicates()
-    );
-    successor.terminate(Duration::from_secs(20)).await.unwrap();
-}
-
-/// A lock held on the outbox (a migration, a forgotten transaction) does not
-/// stall a running relay unseen: its statement is cancelled after
-/// `database.statement-timeout`, it says so, retries with backoff, and
-/// carries on once the lock is gone.
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn statement_waiting_on_a_lock_is_cancelled_and_retried(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("stmt-timeout");
-    broker.create_topic(&topic, 3).await.unwrap();
-    let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[])
-        .replace("[database]\n", "[database]\nstatement-timeout = \"1s\"\n");
-    let (writer, mut relay, mut reader) =
-        relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000, 30).await;
-    let lock = db::lock_outbox(&pool).await.unwrap();
-    // Without a statement timeout the relay's read would wait as long as
-    // the lock is held, and say nothing. Twice: cancelled, retried, and
-    // cancelled again while the lock stays.
-    eventually(
-        "the relay to report cancelled statements",
-        Duration::from_secs(30),
-        || async {
-            let reports = relay.output().matches("statement_timeout").count();
-            Ok((reports >= 2).then_some(()))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.output()));
-    lock.rollback().await.unwrap();
-
-    let ids = writer.await.unwrap();
-    reader.read_distinct(ids.len(), WAIT).await.unwrap();
-    assert_complete_and_ordered(&ids, &reader);
-    db::wait_drained(&pool, WAIT).await.unwrap();
-    relay.stop(Duration::from_secs(30)).await.unwrap();
-    let output = relay.output();
-    assert!(
-        output.contains("canceling statement due to statement timeout"),
-        "{output}"
-    );
+        let ids = writer.await.unwrap();
+        reader.read_distinct(ids.len(), WAIT).await.unwrap();
+        assert_complete_and_ordered(&ids, &reader);
+        db::wait_drained(&pool, WAIT).await.unwrap();
+        relay.stop(Duration::from_secs(30)).await.unwrap();
+        let output = relay.output();
+        assert!(
+            output.contains("canceling statement due to statement timeout"),
+            "{output}"
+        );
+    }
 }
 
 /// Starts a writer of `events` events over `keys` keys (10 per

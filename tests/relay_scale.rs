@@ -8,13 +8,12 @@ use std::{
 
 use consign::{
     Message, Outbox,
-    outbox::partition_for,
     relay::{Relay, Status, status},
 };
 use consign_test_support::{
-    RelayProcess, TestBroker, TopicReader, Transactions, db, eventually, fast_relay_settings,
-    relay_config,
-    stream::{Stream, assert_complete_and_ordered, write_stream},
+    RelayProcess, TestBroker, TopicReader, Transactions, broker_test, db, eventually,
+    fast_relay_settings, relay_config,
+    stream::{Stream, assert_complete_and_ordered, keys_of_outbox_partition, write_stream},
     tap::{KafkaTap, Outcome},
     unique_topic,
 };
@@ -45,123 +44,123 @@ async fn wait_balanced(pool: &PgPool, relays: usize) -> Vec<usize> {
     .unwrap()
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn rebalance_keeps_partitions_within_one_of_even_as_relays_join_and_leave(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let start = || {
-        Relay::builder(pool.clone())
-            .kafka("bootstrap.servers", broker.bootstrap())
-            .settings(fast_relay_settings())
-            .build()
-            .unwrap()
-            .spawn()
-    };
-    let mut relays = Vec::new();
-    for n in 1..=4 {
-        relays.push(start());
-        let counts = wait_balanced(&pool, n).await;
-        println!("{n} relays: {counts:?}");
+broker_test! {
+    async fn rebalance_keeps_partitions_within_one_of_even_as_relays_join_and_leave(pool: PgPool, broker: TestBroker) {
+        let start = || {
+            Relay::builder(pool.clone())
+                .kafka("bootstrap.servers", broker.bootstrap())
+                .settings(fast_relay_settings())
+                .build()
+                .unwrap()
+                .spawn()
+        };
+        let mut relays = Vec::new();
+        for n in 1..=4 {
+            relays.push(start());
+            let counts = wait_balanced(&pool, n).await;
+            println!("{n} relays: {counts:?}");
+        }
+        // Graceful leaves release at once; the rest take the partitions over.
+        for n in (2..=3).rev() {
+            relays.pop().unwrap().shutdown().await.unwrap();
+            let counts = wait_balanced(&pool, n).await;
+            println!("{n} relays after a leave: {counts:?}");
+        }
+        let leases = consign::relay::lease::leases(&pool).await.unwrap();
+        let moved = leases.iter().filter(|l| l.epoch > 1).count();
+        assert!(moved > 0, "no partition changed hands: {leases:?}");
+        for relay in relays {
+            relay.shutdown().await.unwrap();
+        }
+        let leases = consign::relay::lease::leases(&pool).await.unwrap();
+        assert!(
+            leases.iter().all(|l| l.owner.is_none()),
+            "leases left after shutdown: {leases:?}"
+        );
     }
-    // Graceful leaves release at once; the rest take the partitions over.
-    for n in (2..=3).rev() {
-        relays.pop().unwrap().shutdown().await.unwrap();
-        let counts = wait_balanced(&pool, n).await;
-        println!("{n} relays after a leave: {counts:?}");
-    }
-    let leases = consign::relay::lease::leases(&pool).await.unwrap();
-    let moved = leases.iter().filter(|l| l.epoch > 1).count();
-    assert!(moved > 0, "no partition changed hands: {leases:?}");
-    for relay in relays {
-        relay.shutdown().await.unwrap();
-    }
-    let leases = consign::relay::lease::leases(&pool).await.unwrap();
-    assert!(
-        leases.iter().all(|l| l.owner.is_none()),
-        "leases left after shutdown: {leases:?}"
-    );
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn three_relays_with_a_kill_and_a_join_deliver_50k_events_in_key_order(pool: PgPool) {
-    const EVENTS: usize = 50_000;
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("scale");
-    broker.create_topic(&topic, 12).await.unwrap();
-    let config = relay_config(
-        &db::url(&pool),
-        broker.bootstrap(),
-        &[("batch-size", "200")],
-        &[],
-    );
-    // Round trips long enough that the killed relay has batches in flight.
-    if let Some(mock) = broker.mock() {
-        mock.set_round_trip(Duration::from_millis(100)).unwrap();
-    }
-    let writer = tokio::spawn(write_stream(
-        pool.clone(),
-        topic.clone(),
-        Stream::new(EVENTS, 500)
-            .per_tx(50)
-            .pace(Duration::from_millis(8)),
-    ));
-    let mut relays: Vec<RelayProcess> = (0..3)
-        .map(|_| RelayProcess::start(&config).unwrap())
-        .collect();
-    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
-    println!("3 relays: {:?}", wait_balanced(&pool, 3).await);
-    reader.read_distinct(5000, WAIT).await.unwrap();
+broker_test! {
+    async fn three_relays_with_a_kill_and_a_join_deliver_50k_events_in_key_order(pool: PgPool, broker: TestBroker) {
+        const EVENTS: usize = 50_000;
+        let topic = unique_topic("scale");
+        broker.create_topic(&topic, 12).await.unwrap();
+        let config = relay_config(
+            &db::url(&pool),
+            broker.bootstrap(),
+            &[("batch-size", "200")],
+            &[],
+        );
+        // Round trips long enough that the killed relay has batches in flight.
+        if let Some(mock) = broker.mock() {
+            mock.set_round_trip(Duration::from_millis(100)).unwrap();
+        }
+        let writer = tokio::spawn(write_stream(
+            pool.clone(),
+            topic.clone(),
+            Stream::new(EVENTS, 500)
+                .per_tx(50)
+                .pace(Duration::from_millis(8)),
+        ));
+        let mut relays: Vec<RelayProcess> = (0..3)
+            .map(|_| RelayProcess::start(&config).unwrap())
+            .collect();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        println!("3 relays: {:?}", wait_balanced(&pool, 3).await);
+        reader.read_distinct(5000, WAIT).await.unwrap();
 
-    let victim = relays.remove(0);
-    let victim_pid = i32::try_from(victim.id()).unwrap();
-    let before = status(&pool).await.unwrap();
-    let instance = &before
-        .relays
-        .iter()
-        .find(|m| m.pid == victim_pid)
-        .unwrap()
-        .instance;
-    let orphaned: Vec<i16> = before
-        .leases
-        .iter()
-        .filter(|l| l.owner.as_ref() == Some(instance))
-        .map(|l| l.partition)
-        .collect();
-    let waiting = db::outbox_len(&pool).await.unwrap();
-    let mut victim = victim;
-    victim.kill().unwrap();
-    println!("SIGKILL one relay holding partitions {orphaned:?} with {waiting} rows in the outbox");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    relays.push(RelayProcess::start(&config).unwrap());
-    println!("one relay joined");
-    assert!(
-        !writer.is_finished(),
-        "the stream ended before the kill and the join; slow it down"
-    );
-    println!("after kill + join: {:?}", wait_balanced(&pool, 3).await);
+        let victim = relays.remove(0);
+        let victim_pid = i32::try_from(victim.id()).unwrap();
+        let before = status(&pool).await.unwrap();
+        let instance = &before
+            .relays
+            .iter()
+            .find(|m| m.pid == victim_pid)
+            .unwrap()
+            .instance;
+        let orphaned: Vec<i16> = before
+            .leases
+            .iter()
+            .filter(|l| l.owner.as_ref() == Some(instance))
+            .map(|l| l.partition)
+            .collect();
+        let waiting = db::outbox_len(&pool).await.unwrap();
+        let mut victim = victim;
+        victim.kill().unwrap();
+        println!("SIGKILL one relay holding partitions {orphaned:?} with {waiting} rows in the outbox");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        relays.push(RelayProcess::start(&config).unwrap());
+        println!("one relay joined");
+        assert!(
+            !writer.is_finished(),
+            "the stream ended before the kill and the join; slow it down"
+        );
+        println!("after kill + join: {:?}", wait_balanced(&pool, 3).await);
 
-    let ids = writer.await.unwrap();
-    reader.read_distinct(EVENTS, WAIT).await.unwrap();
-    db::wait_drained(&pool, WAIT).await.unwrap();
-    reader.read_to_end(WAIT).await.unwrap();
-    let after = status(&pool).await.unwrap();
-    let still_orphaned: Vec<_> = after
-        .leases
-        .iter()
-        .filter(|l| orphaned.contains(&l.partition) && l.owner.as_ref() == Some(instance))
-        .collect();
-    assert!(
-        still_orphaned.is_empty(),
-        "the killed relay's partitions never moved: {still_orphaned:?}"
-    );
-    println!(
-        "{} events over 500 keys delivered; {} duplicates on the topic; {} partitions taken over from the killed relay",
-        reader.distinct(),
-        reader.duplicates(),
-        orphaned.len()
-    );
-    assert_complete_and_ordered(&ids, &reader);
-    for mut relay in relays {
-        relay.stop(Duration::from_secs(30)).await.unwrap();
+        let ids = writer.await.unwrap();
+        reader.read_distinct(EVENTS, WAIT).await.unwrap();
+        db::wait_drained(&pool, WAIT).await.unwrap();
+        reader.read_to_end(WAIT).await.unwrap();
+        let after = status(&pool).await.unwrap();
+        let still_orphaned: Vec<_> = after
+            .leases
+            .iter()
+            .filter(|l| orphaned.contains(&l.partition) && l.owner.as_ref() == Some(instance))
+            .collect();
+        assert!(
+            still_orphaned.is_empty(),
+            "the killed relay's partitions never moved: {still_orphaned:?}"
+        );
+        println!(
+            "{} events over 500 keys delivered; {} duplicates on the topic; {} partitions taken over from the killed relay",
+            reader.distinct(),
+            reader.duplicates(),
+            orphaned.len()
+        );
+        assert_complete_and_ordered(&ids, &reader);
+        for mut relay in relays {
+            relay.stop(Duration::from_secs(30)).await.unwrap();
+        }
     }
 }
 
@@ -252,14 +251,6 @@ async fn relay_paused_past_its_lease_cannot_delete_rows_it_no_longer_owns(pool: 
 }
 
 /// Keys whose rows all land in outbox partition 0.
-fn keys_of_partition_zero(count: usize) -> Vec<String> {
-    (0..)
-        .map(|i| format!("acct-{i}"))
-        .filter(|k| partition_for(Some(k), &uuid::Uuid::nil()) == 0)
-        .take(count)
-        .collect()
-}
-
 /// Relay killed inside transactions: a `read_committed` consumer sees each
 /// batch whole or not at all.
 ///
@@ -291,7 +282,7 @@ async fn transactions_mode_read_committed_sees_each_batch_whole_or_not_at_all(po
 
     // All rows in one outbox partition, written before the relay starts:
     // batch k is exactly rows k*100 .. k*100+99, whichever relay sends it.
-    let keys = keys_of_partition_zero(20);
+    let keys = keys_of_outbox_partition(0, 20);
     let mut per_key: HashMap<&str, u32> = HashMap::new();
     let msgs: Vec<Message> = (0..BATCH * BATCHES)
         .map(|i| {

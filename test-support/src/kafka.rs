@@ -1,7 +1,10 @@
 //! The broker under test: the mock cluster, or an external broker.
 
 use std::{
-    sync::mpsc::{self, Sender},
+    sync::{
+        Arc,
+        mpsc::{self, Sender},
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -14,6 +17,8 @@ use rdkafka::{
     mocking::MockCluster,
     types::RDKafkaRespErr,
 };
+
+use crate::cluster::KafkaCluster;
 
 /// Environment variable naming an external broker (`host:port`) to run the
 /// end-to-end tests against instead of the mock cluster.
@@ -184,12 +189,15 @@ impl Drop for MockKafka {
     }
 }
 
-/// The broker a test runs against: a fresh mock cluster, or the external
-/// broker named by `TEST_KAFKA_BROKERS`.
+/// The broker a test runs against: a fresh mock cluster, real Apache Kafka,
+/// or the external broker named by `TEST_KAFKA_BROKERS`.
 #[derive(Debug)]
 pub enum TestBroker {
     /// An in-process mock cluster owned by this test.
     Mock(MockKafka),
+    /// Real Apache Kafka: the test binary's shared 1-node cluster, or a
+    /// cluster of the test's own.
+    Kafka(Arc<KafkaCluster>),
     /// An external broker (e.g. Tansu) at this address.
     External(String),
 }
@@ -207,21 +215,47 @@ impl TestBroker {
         }
     }
 
+    /// Real Apache Kafka: the test binary's shared 1-node [`KafkaCluster`].
+    ///
+    /// `None` (after printing one line saying how to enable the tier) when
+    /// Java or Kafka's jars are missing, so a developer without Java can run
+    /// the rest of the suite.
+    ///
+    /// # Errors
+    /// Under CI (`CI=true`), where the real-Kafka tier is mandatory, if
+    /// Kafka is unavailable; anywhere, if it is installed but cannot start.
+    pub fn real() -> Result<Option<Self>> {
+        if !real_kafka_tier()? {
+            return Ok(None);
+        }
+        Ok(Some(Self::Kafka(KafkaCluster::shared()?)))
+    }
+
     /// The `bootstrap.servers` value.
     #[must_use]
     pub fn bootstrap(&self) -> &str {
         match self {
             Self::Mock(mock) => mock.bootstrap(),
+            Self::Kafka(cluster) => cluster.bootstrap(),
             Self::External(address) => address,
         }
     }
 
-    /// The mock cluster, for fault injection; `None` on an external broker.
+    /// The mock cluster, for fault injection; `None` on any other broker.
     #[must_use]
     pub fn mock(&self) -> Option<&MockKafka> {
         match self {
             Self::Mock(mock) => Some(mock),
-            Self::External(_) => None,
+            Self::Kafka(_) | Self::External(_) => None,
+        }
+    }
+
+    /// The real Kafka cluster; `None` on any other broker.
+    #[must_use]
+    pub fn cluster(&self) -> Option<&KafkaCluster> {
+        match self {
+            Self::Kafka(cluster) => Some(cluster),
+            Self::Mock(_) | Self::External(_) => None,
         }
     }
 
@@ -233,7 +267,29 @@ impl TestBroker {
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         match self {
             Self::Mock(mock) => mock.create_topic(topic, partitions),
+            Self::Kafka(cluster) => cluster.create_topic(topic, partitions).await,
             Self::External(address) => create_external_topic(address, topic, partitions).await,
+        }
+    }
+}
+
+/// Whether the real-Kafka tier runs here: true when Java and Kafka's jars are
+/// there; false, after printing one line saying how to enable the tier, when
+/// they are not.
+///
+/// # Errors
+/// Under CI (`CI=true`), where the tier is mandatory, when they are missing.
+pub fn real_kafka_tier() -> Result<bool> {
+    match crate::cluster::kafka_libs() {
+        Ok(_) => Ok(true),
+        Err(missing) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            Err(missing.context("the real-Kafka tier is mandatory under CI=true"))
+        }
+        Err(missing) => {
+            println!(
+                "skipped on real Kafka: {missing:#}. Run scripts/services.sh kafka to enable the tier."
+            );
+            Ok(false)
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Test harness shared by consign's tests, examples and benchmarks.
 //!
 //! - [`TestBroker`]: librdkafka's in-process mock cluster (real Kafka
-//!   protocol on loopback ports, with fault injection), or an external broker
-//!   when `TEST_KAFKA_BROKERS` names one.
+//!   protocol on loopback ports, with fault injection), real Apache Kafka
+//!   ([`KafkaCluster`]), or an external broker when `TEST_KAFKA_BROKERS`
+//!   names one. [`broker_test!`] runs one test body on the mock cluster and
+//!   on real Kafka.
 //! - [`TopicReader`]: reads back what really reached a topic.
 //! - [`RelayProcess`]: runs the `consign-relay` binary as a child process so
 //!   tests can SIGKILL it.
@@ -13,6 +15,7 @@
 //! - [`tap`]: a Kafka protocol tap that shows what each transaction produced
 //!   and whether it committed.
 
+mod cluster;
 pub mod db;
 pub mod effects;
 mod kafka;
@@ -22,7 +25,8 @@ mod reader;
 pub mod stream;
 pub mod tap;
 
-pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions};
+pub use cluster::{KAFKA_JVM_OPTS_ENV, KAFKA_LIBS_ENV, KafkaCluster, kafka_libs, kafka_version};
+pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions, real_kafka_tier};
 pub use process::{
     CONSUMER_BIN_ENV, ChildProcess, RELAY_BIN_ENV, RelayProcess, consumer_binary, relay_binary,
 };
@@ -98,4 +102,40 @@ where
 #[must_use]
 pub fn unique_topic(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Defines one end-to-end test body and runs it on both tiers: as
+/// `NAME::mock` on a fresh librdkafka mock cluster (or the broker named by
+/// `TEST_KAFKA_BROKERS`), and as `NAME::kafka` on real Apache Kafka (the
+/// test binary's shared 1-node cluster; skipped with a printed line where
+/// Java or Kafka's jars are missing, an error under `CI=true`). Each runs on
+/// a fresh database migrated with `consign::MIGRATOR`.
+///
+/// ```ignore
+/// consign_test_support::broker_test! {
+///     async fn rolled_back_transactions_publish_nothing(pool: PgPool, broker: TestBroker) {
+///         // ...
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! broker_test {
+    ($(#[$meta:meta])* async fn $name:ident($pool:ident: PgPool, $broker:ident: TestBroker) $body:block) => {
+        $(#[$meta])*
+        async fn $name($pool: ::sqlx::PgPool, $broker: $crate::TestBroker) $body
+
+        mod $name {
+            #[::sqlx::test(migrator = "consign::MIGRATOR")]
+            async fn mock(pool: ::sqlx::PgPool) {
+                super::$name(pool, $crate::TestBroker::start().unwrap()).await;
+            }
+
+            #[::sqlx::test(migrator = "consign::MIGRATOR")]
+            async fn kafka(pool: ::sqlx::PgPool) {
+                if let Some(broker) = $crate::TestBroker::real().unwrap() {
+                    super::$name(pool, broker).await;
+                }
+            }
+        }
+    };
 }

@@ -74,6 +74,17 @@ pub async fn write_stream(pool: PgPool, topic: String, stream: Stream) -> Vec<Uu
     ids
 }
 
+/// `count` keys (`acct-0`, `acct-1`, ...) that all hash to outbox partition
+/// `partition`, so that one relay batch is one Kafka transaction.
+#[must_use]
+pub fn keys_of_outbox_partition(partition: i16, count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("acct-{i}"))
+        .filter(|k| consign_outbox::partition_for(Some(k), &Uuid::nil()) == partition)
+        .take(count)
+        .collect()
+}
+
 /// Asserts every id arrived and, per key, after dropping duplicates by id,
 /// the payloads read 1, 2, 3, ...
 ///

@@ -36,7 +36,7 @@ async fn main() -> Result<()> {
     let consumer = InboxConsumer::builder(&inbox)
         .topic(var("TEST_TOPIC")?)
         .kafka("bootstrap.servers", var("TEST_BOOTSTRAP")?)
-        .kafka("session.timeout.ms", "3000")
+        .kafka("session.timeout.ms", "6000")
         .kafka("heartbeat.interval.ms", "500")
         .max_batch(match std::env::var("TEST_MAX_BATCH") {
             Ok(n) => n.parse().context("TEST_MAX_BATCH")?,

@@ -1,0 +1,647 @@
+//! Real Apache Kafka brokers for the tests, started from the jars that
+//! `scripts/kafka.sh fetch` resolved from Maven Central: storage formatted
+//! with `kafka.tools.StorageTool`, then `kafka.Kafka` in KRaft combined mode
+//! (each node broker and controller) on free loopback ports.
+//!
+//! Each node runs under a small `sh` wrapper that holds a pipe from the test
+//! process: when the test process ends in any way (a panic, SIGKILL, the end
+//! of `cargo test`), the pipe closes and the wrapper kills the JVM, so no
+//! broker outlives its test.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+};
+
+/// Environment variable with the directory of Kafka's jars (default: the
+/// cache `scripts/kafka.sh fetch` fills).
+pub const KAFKA_LIBS_ENV: &str = "TEST_KAFKA_LIBS";
+
+/// Environment variable with the broker JVM's options (default
+/// `-Xms256m -Xmx512m`).
+pub const KAFKA_JVM_OPTS_ENV: &str = "TEST_KAFKA_JVM_OPTS";
+
+/// The pinned POM; the version is read from it so it is written down once.
+const POM: &str = include_str!("../kafka/pom.xml");
+
+/// Kafka's version, from `test-support/kafka/pom.xml`.
+#[must_use]
+pub fn kafka_version() -> &'static str {
+    POM.split_once("<kafka.version>")
+        .and_then(|(_, rest)| rest.split_once("</kafka.version>"))
+        .map_or("unknown", |(version, _)| version.trim())
+}
+
+/// The directory of Kafka's jars, if they were fetched.
+///
+/// # Errors
+/// If Java is missing or the jars were not fetched; the message says how
+/// to get them.
+pub fn kafka_libs() -> Result<PathBuf> {
+    let libs = match std::env::var_os(KAFKA_LIBS_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
+                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
+                PathBuf::from,
+            );
+            cache
+                .join("consign")
+                .join(format!("kafka-{}", kafka_version()))
+                .join("libs")
+        }
+    };
+    if !libs.join(".complete").exists() {
+        bail!(
+            "Kafka {} jars not found in {} (run scripts/kafka.sh fetch, or scripts/services.sh)",
+            kafka_version(),
+            libs.display()
+        );
+    }
+    let java = Command::new("java").arg("-version").output();
+    if !java.is_ok_and(|out| out.status.success()) {
+        bail!(
+            "no working `java` on PATH (Kafka {} needs Java 17+)",
+            kafka_version()
+        );
+    }
+    Ok(libs)
+}
+
+/// Runs the JVM and kills it when stdin (a pipe from the test process)
+/// closes; removes the node's directory then, since nobody else will.
+const WRAPPER: &str = r#"
+exec 3<&0
+"$@" </dev/null 3<&- &
+pid=$!
+echo "$pid" > "$NODE_DIR/pid"
+( read -r _ <&3; touch "$NODE_DIR/orphaned"; kill -9 "$pid" 2>/dev/null ) &
+watch=$!
+wait "$pid"
+status=$?
+kill "$watch" 2>/dev/null
+if [ -e "$NODE_DIR/orphaned" ]; then rm -rf "$CLUSTER_DIR"; fi
+exit "$status"
+"#;
+
+#[derive(Debug)]
+struct Node {
+    id: i32,
+    port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+    process: Option<(Child, ChildStdin, i32)>,
+}
+
+impl Node {
+    fn config(&self, voters: &str, nodes: usize) -> String {
+        let replicas = nodes.min(3);
+        let min_isr = if replicas >= 3 { 2 } else { 1 };
+        format!(
+            "process.roles=broker,controller
+node.id={id}
+controller.quorum.voters={voters}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data}
+num.partitions=1
+default.replication.factor={replicas}
+min.insync.replicas={min_isr}
+offsets.topic.num.partitions=10
+offsets.topic.replication.factor={replicas}
+transaction.state.log.num.partitions=10
+transaction.state.log.replication.factor={replicas}
+transaction.state.log.min.isr={min_isr}
+share.coordinator.state.topic.replication.factor={replicas}
+share.coordinator.state.topic.min.isr={min_isr}
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.segment.bytes=67108864
+",
+            id = self.id,
+            port = self.port,
+            controller_port = self.controller_port,
+            data = self.dir.join("data").display(),
+        )
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("kafka.log")
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn spawn(&mut self, libs: &Path, cluster_dir: &Path) -> Result<()> {
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        let log = std::fs::File::create(self.log())?;
+        let jvm =
+            std::env::var(KAFKA_JVM_OPTS_ENV).unwrap_or_else(|_| "-Xms256m -Xmx512m".to_owned());
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(WRAPPER)
+            .arg("kafka-node")
+            .arg("java")
+            .args(jvm.split_whitespace())
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                self.dir.join("log4j2.properties").display()
+            ))
+            .arg("-cp")
+            .arg(libs.join("*"))
+            .arg("kafka.Kafka")
+            .arg(self.dir.join("server.properties"))
+            .env("NODE_DIR", &self.dir)
+            .env("CLUSTER_DIR", cluster_dir)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a Kafka node (sh + java)")?;
+        let stdin = child.stdin.take().context("wrapper stdin")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("pid"))
+                && let Ok(pid) = text.trim().parse::<i32>()
+            {
+                break pid;
+            }
+            if Instant::now() > deadline {
+                bail!("Kafka node {} did not start its JVM", self.id);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.process = Some((child, stdin, pid));
+        Ok(())
+    }
+
+    fn signal(&self, signal: Signal) -> Result<()> {
+        let (_, _, pid) = self
+            .process
+            .as_ref()
+            .ok_or_else(|| anyhow!("Kafka node {} is not running", self.id))?;
+        kill(Pid::from_raw(*pid), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the JVM (and its wrapper) to exit, up to `timeout`; then
+    /// kills it.
+    fn reap(&mut self, timeout: Duration) -> Result<()> {
+        let Some((mut child, stdin, pid)) = self.process.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                child.wait()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(stdin);
+        Ok(())
+    }
+}
+
+/// A real Kafka cluster of 1 or 3 nodes on loopback, each node broker and
+/// controller (KRaft combined mode). Topics get replication factor
+/// `min(nodes, 3)` and, on 3 nodes, `min.insync.replicas=2`. Dropped, it
+/// kills its nodes and removes their data.
+#[derive(Debug)]
+pub struct KafkaCluster {
+    nodes: Mutex<Vec<Node>>,
+    bootstrap: String,
+    libs: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl KafkaCluster {
+    /// Formats storage for `nodes` nodes and starts them; returns once every
+    /// broker is in the cluster's metadata.
+    ///
+    /// # Errors
+    /// If Java or the jars are missing ([`kafka_libs`]), or a node does not
+    /// join within 90 s (the error holds the end of its log).
+    pub fn start(nodes: usize) -> Result<Self> {
+        let libs = kafka_libs()?;
+        let dir = tempfile::Builder::new()
+            .prefix("consign-kafka-")
+            .tempdir()?;
+        let mut ports = free_ports(2 * nodes)?.into_iter();
+        let mut list = Vec::new();
+        for i in 1..=nodes {
+            let node_dir = dir.path().join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            list.push(Node {
+                id: i32::try_from(i)?,
+                port: ports.next().context("port")?,
+                controller_port: ports.next().context("port")?,
+                dir: node_dir,
+                process: None,
+            });
+        }
+        let voters = list
+            .iter()
+            .map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster_id = cluster_id();
+        std::thread::scope(|scope| -> Result<()> {
+            let formats: Vec<_> = list
+                .iter()
+                .map(|node| {
+                    let (libs, voters, cluster_id) = (&libs, &voters, &cluster_id);
+                    scope.spawn(move || format_node(node, libs, voters, nodes, cluster_id))
+                })
+                .collect();
+            for format in formats {
+                format
+                    .join()
+                    .map_err(|_| anyhow!("format thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        let bootstrap = list
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster = Self {
+            nodes: Mutex::new(list),
+            bootstrap,
+            libs,
+            dir,
+        };
+        for id in 1..=nodes {
+            cluster.with_node(i32::try_from(id)?, |node, libs, dir| node.spawn(libs, dir))?;
+        }
+        cluster.wait_for_brokers(nodes, Duration::from_secs(90))?;
+        Ok(cluster)
+    }
+
+    /// The process-wide 1-node cluster that the tests of one test binary
+    /// share (each test uses topics of its own), started on first use.
+    ///
+    /// # Errors
+    /// If it could not start; every later call returns the same error.
+    pub fn shared() -> Result<Arc<Self>> {
+        static SHARED: OnceLock<Result<Arc<KafkaCluster>, String>> = OnceLock::new();
+        SHARED
+            .get_or_init(|| {
+                let started = Instant::now();
+                let cluster = Self::start(1).map_err(|e| format!("{e:#}"))?;
+                println!(
+                    "real Kafka {} (1 node) at {} started in {:.1} s",
+                    kafka_version(),
+                    cluster.bootstrap(),
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(Arc::new(cluster))
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// The `bootstrap.servers` value (every node).
+    #[must_use]
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// The node ids (1..=nodes).
+    #[must_use]
+    pub fn node_ids(&self) -> Vec<i32> {
+        self.lock().iter().map(|n| n.id).collect()
+    }
+
+    /// `host:port` of node `id`'s broker listener.
+    ///
+    /// # Errors
+    /// If there is no such node.
+    pub fn address(&self, id: i32) -> Result<String> {
+        self.with_node(id, |node, _, _| Ok(format!("127.0.0.1:{}", node.port)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Node>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn with_node<T>(
+        &self,
+        id: i32,
+        f: impl FnOnce(&mut Node, &Path, &Path) -> Result<T>,
+    ) -> Result<T> {
+        let mut nodes = self.lock();
+        let node = nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| anyhow!("no Kafka node {id}"))?;
+        f(node, &self.libs, self.dir.path())
+    }
+
+    /// Kills node `id` with SIGKILL (a crash: no controlled shutdown) and
+    /// reaps it.
+    ///
+    /// # Errors
+    /// If the node is not running.
+    pub fn kill(&self, id: i32) -> Result<()> {
+        self.with_node(id, |node, _, _| {
+            node.signal(Signal::SIGKILL)?;
+            node.reap(Duration::from_secs(30))
+        })
+    }
+
+    /// Stops node `id` with SIGTERM (controlled shutdown: leadership moves
+    /// first) and waits up to 60 s for it to exit.
+    ///
+    /// # Errors
+    /// If the node is not running.
+    pub fn stop(&self, id: i32) -> Result<()> {
+        self.with_node(id, |node, _, _| {
+            node.signal(Signal::SIGTERM)?;
+            node.reap(Duration::from_secs(60))
+        })
+    }
+
+    /// Freezes node `id` (SIGSTOP): its connections stay open but nothing
+    /// answers, like a long GC pause or a stalled VM.
+    ///
+    /// # Errors
+    /// If the node is not running.
+    pub fn pause(&self, id: i32) -> Result<()> {
+        self.with_node(id, |node, _, _| node.signal(Signal::SIGSTOP))
+    }
+
+    /// Lets a paused node run again (SIGCONT).
+    ///
+    /// # Errors
+    /// If the node is not running.
+    pub fn resume(&self, id: i32) -> Result<()> {
+        self.with_node(id, |node, _, _| node.signal(Signal::SIGCONT))
+    }
+
+    /// Starts a killed or stopped node again on its data and ports, and
+    /// waits until it is back in the cluster's metadata.
+    ///
+    /// # Errors
+    /// If it is running already or does not rejoin within 90 s.
+    pub fn restart(&self, id: i32) -> Result<()> {
+        self.with_node(id, |node, libs, dir| {
+            if node.process.is_some() {
+                bail!("Kafka node {id} is running");
+            }
+            node.spawn(libs, dir)
+        })?;
+        let running = self.lock().iter().filter(|n| n.process.is_some()).count();
+        self.wait_for_brokers(running, Duration::from_secs(90))
+    }
+
+    /// Kills every node (SIGKILL).
+    ///
+    /// # Errors
+    /// If a node cannot be signalled.
+    pub fn kill_all(&self) -> Result<()> {
+        self.node_ids().into_iter().try_for_each(|id| self.kill(id))
+    }
+
+    /// Starts every node that is not running and waits for all of them.
+    ///
+    /// # Errors
+    /// If a node does not rejoin within 90 s.
+    pub fn restart_all(&self) -> Result<()> {
+        for id in self.node_ids() {
+            self.with_node(id, |node, libs, dir| {
+                if node.process.is_none() {
+                    node.spawn(libs, dir)?;
+                }
+                Ok(())
+            })?;
+        }
+        let nodes = self.node_ids().len();
+        self.wait_for_brokers(nodes, Duration::from_secs(90))
+    }
+
+    fn client(&self) -> Result<BaseConsumer> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("log_level", "3")
+            .create()
+            .context("metadata client")
+    }
+
+    fn wait_for_brokers(&self, count: usize, timeout: Duration) -> Result<()> {
+        let client = self.client()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match client.fetch_metadata(None, Duration::from_secs(5)) {
+                Ok(metadata) if metadata.brokers().len() >= count => return Ok(()),
+                Ok(metadata) => format!("{} of {count} brokers", metadata.brokers().len()),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .lock()
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "--- node {} ({}):\n{}",
+                            n.id,
+                            n.log().display(),
+                            n.log_tail()
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "Kafka cluster not ready after {timeout:?} ({last})\n{}",
+                    logs.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Creates `topic` with `partitions` partitions (replication factor
+    /// `min(nodes, 3)`) and waits until every partition has a leader.
+    ///
+    /// # Errors
+    /// If the broker refuses or a partition has no leader after 60 s.
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        let replicas = i32::try_from(self.node_ids().len().min(3))?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .context("admin client")?;
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(
+                    topic,
+                    partitions,
+                    TopicReplication::Fixed(replicas),
+                )],
+                &options,
+            )
+            .await
+            .context("create topic")?;
+        for result in results {
+            if let Err((name, code)) = result
+                && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+            {
+                bail!("creating topic {name}: {code}");
+            }
+        }
+        for partition in 0..partitions {
+            self.leader(topic, partition, Duration::from_secs(60))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The node leading `topic`'s `partition`, waiting up to `timeout` for
+    /// one to be elected.
+    ///
+    /// # Errors
+    /// If no leader is known within `timeout`.
+    pub async fn leader(&self, topic: &str, partition: i32, timeout: Duration) -> Result<i32> {
+        let client = self.client()?;
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let found = client
+                    .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|m| {
+                        m.topics()
+                            .iter()
+                            .find(|t| t.name() == topic)
+                            .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+                            .map(rdkafka::metadata::MetadataPartition::leader)
+                    })
+                    .filter(|&leader| leader >= 0);
+                if let Some(leader) = found {
+                    return Ok(leader);
+                }
+                if Instant::now() > deadline {
+                    bail!("{topic}[{partition}]: no leader after {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .await?
+    }
+
+    /// The node coordinating consumer group `group`: the leader of the
+    /// `__consumer_offsets` partition the group hashes to (Kafka's
+    /// `abs(group.hashCode()) % offsets.topic.num.partitions`).
+    ///
+    /// # Errors
+    /// If that partition has no leader within 60 s.
+    pub async fn group_coordinator(&self, group: &str) -> Result<i32> {
+        // offsets.topic.num.partitions in the node configuration above.
+        const OFFSETS_PARTITIONS: i32 = 10;
+        let hash = group.encode_utf16().fold(0_i32, |h, unit| {
+            h.wrapping_mul(31).wrapping_add(i32::from(unit))
+        });
+        // Kafka's Utils.abs maps i32::MIN to 0 (it masks the sign bit).
+        let partition = (hash & 0x7fff_ffff) % OFFSETS_PARTITIONS;
+        self.leader("__consumer_offsets", partition, Duration::from_secs(60))
+            .await
+    }
+}
+
+impl Drop for KafkaCluster {
+    fn drop(&mut self) {
+        for node in self.lock().iter_mut() {
+            let _ = node.signal(Signal::SIGKILL);
+            let _ = node.reap(Duration::from_secs(10));
+        }
+    }
+}
+
+fn format_node(
+    node: &Node,
+    libs: &Path,
+    voters: &str,
+    nodes: usize,
+    cluster_id: &str,
+) -> Result<()> {
+    let properties = node.dir.join("server.properties");
+    std::fs::write(&properties, node.config(voters, nodes))?;
+    let log4j = node.dir.join("log4j2.properties");
+    std::fs::File::create(&log4j)?.write_all(LOG4J.as_bytes())?;
+    let out = Command::new("java")
+        .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+        .arg("-cp")
+        .arg(libs.join("*"))
+        .arg("kafka.tools.StorageTool")
+        .args(["format", "--ignore-formatted", "-t", cluster_id, "-c"])
+        .arg(&properties)
+        .output()
+        .context("running kafka.tools.StorageTool")?;
+    if !out.status.success() {
+        bail!(
+            "formatting Kafka node {}: {}{}",
+            node.id,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Warnings and errors only, plus the line that says the server started.
+const LOG4J: &str = "rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = out
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = INFO
+";
+
+/// A Kafka cluster id: a UUID's 16 bytes, URL-safe base64 without padding.
+fn cluster_id() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::now_v7().as_bytes())
+}
+
+/// `count` distinct free loopback ports (all held open until all are
+/// found, so none is handed out twice).
+fn free_ports(count: usize) -> Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
