@@ -1,6 +1,7 @@
 //! Guarantees that only a real Kafka broker can prove: transactions that
 //! `read_committed` consumers see whole or not at all, producers fenced by the
-//! broker, and a 3-node cluster losing a partition leader or going down whole.
+//! broker, a 3-node cluster losing a partition leader or going down whole, and
+//! an inbox consumer group losing members, a broker and its coordinator.
 //!
 //! These run on Apache Kafka started by the harness ([`KafkaCluster`]); where
 //! Java or Kafka's jars are missing they print how to enable them and pass
@@ -11,8 +12,9 @@ use std::{collections::HashSet, time::Duration};
 
 use consign::{Message, Outbox};
 use consign_test_support::{
-    KafkaCluster, Received, RelayProcess, TestBroker, TopicReader, db, eventually, real_kafka_tier,
-    relay_config,
+    ChildProcess, KafkaCluster, Received, RelayProcess, TestBroker, TopicReader, db,
+    effects::{self, TestMessage, produce, tally},
+    eventually, real_kafka_tier, relay_config,
     stream::{Stream, assert_complete_and_ordered, keys_of_outbox_partition, write_stream},
     unique_topic,
 };
@@ -355,4 +357,105 @@ async fn whole_cluster_down_20s_in_transactions_mode_loses_nothing(pool: PgPool)
         return;
     };
     survives(&pool, &cluster, true, whole_cluster_down_for_20s).await;
+}
+
+/// An inbox consumer group of 3 processes on a 3-node cluster works through
+/// 20,000 messages while members are SIGKILLed and restarted 6 times, one
+/// broker is SIGKILLed and restarted, and then the node coordinating the group
+/// is SIGKILLed: consumption resumes each time, and every message takes effect
+/// exactly once, in key order.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn inbox_group_survives_member_kills_a_broker_restart_and_losing_its_coordinator(
+    pool: PgPool,
+) {
+    let _turn = TURN.lock().await;
+    let Some(cluster) = own_cluster(3) else {
+        return;
+    };
+    effects::create_table(&pool).await.unwrap();
+    let topic = unique_topic("inbox-group");
+    cluster.create_topic(&topic, 6).await.unwrap();
+    let messages = TestMessage::stream(200, 100); // 20,000 messages, 200 keys
+    produce(cluster.bootstrap(), &topic, &messages)
+        .await
+        .unwrap();
+    let total = i64::try_from(messages.len()).unwrap();
+    let group = unique_topic("group");
+
+    let url = db::url(&pool);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TEST_BOOTSTRAP", cluster.bootstrap()),
+        ("TEST_TOPIC", topic.as_str()),
+        ("TEST_GROUP", group.as_str()),
+        ("TEST_MAX_BATCH", "8"),
+    ];
+    let mut members: Vec<ChildProcess> = (0..3)
+        .map(|_| ChildProcess::start_consumer(&env).unwrap())
+        .collect();
+    let mut rng = rand::rng();
+    let mut events = Vec::new();
+    eventually("the group's first effects", WAIT, || async {
+        Ok((tally(&pool).await?.distinct > 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    // __consumer_offsets exists now. A broker to restart that does not
+    // coordinate the group: one node down at a time keeps min.insync.replicas=2.
+    let coordinator = cluster.group_coordinator(&group).await.unwrap();
+    let other = cluster
+        .node_ids()
+        .into_iter()
+        .find(|&id| id != coordinator)
+        .unwrap();
+    for kill in 1..=6 {
+        // Wait for progress (consumption resumed), then kill a member.
+        let start = tally(&pool).await.unwrap().distinct;
+        let step = rng.random_range(300..1500);
+        let now = eventually("consumption to progress", WAIT, || async {
+            let now = tally(&pool).await?.distinct;
+            Ok((now >= (start + step).min(total)).then_some(now))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", members[0].output()));
+        assert!(
+            now < total,
+            "the stream ended after {kill} kills; make it longer"
+        );
+        let victim = rng.random_range(0..members.len());
+        members[victim].kill().unwrap();
+        members[victim] = ChildProcess::start_consumer(&env).unwrap();
+        events.push(format!("member {victim} SIGKILLed at {now} effects"));
+        match kill {
+            1 => {
+                cluster.kill(other).unwrap();
+                events.push(format!("broker {other} SIGKILLed"));
+            }
+            3 => {
+                cluster.restart(other).unwrap();
+                events.push(format!("broker {other} restarted"));
+            }
+            4 => {
+                cluster.kill(coordinator).unwrap();
+                events.push(format!("group coordinator {coordinator} SIGKILLed"));
+            }
+            _ => {}
+        }
+        println!("{}", events.join("; "));
+        events.clear();
+    }
+    eventually("every effect", WAIT, || async {
+        Ok((tally(&pool).await?.distinct >= total).then_some(()))
+    })
+    .await
+    .unwrap();
+    for member in &mut members {
+        let status = member.terminate(Duration::from_secs(30)).await.unwrap();
+        assert!(status.success(), "{}", member.output());
+    }
+    let t = tally(&pool).await.unwrap();
+    println!("{total} messages through a group of 3 with 6 member kills and 2 broker kills: {t:?}");
+    assert_eq!(t.effects, total, "an effect was applied twice");
+    assert_eq!(t.distinct, total);
+    assert_eq!(t.out_of_order_keys, 0, "per-key order of effects");
 }
