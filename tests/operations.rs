@@ -14,7 +14,7 @@ use consign::{
     inbox::{BoxError, Delivery, InboxLayer, RetryPolicy},
 };
 use consign_test_support::{
-    RelayProcess, TestBroker, db,
+    RelayProcess, TestBroker, broker_test, db,
     effects::{self, Running, TestMessage, produce},
     eventually, fast_relay_settings,
     net::{TcpProxy, http_get, prometheus_value},
@@ -40,58 +40,58 @@ fn url_with_password(pool: &PgPool) -> String {
     url.to_string()
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn secrets_never_appear_in_logs_or_printed_config(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("secrets");
-    broker.create_topic(&topic, 2).await.unwrap();
-    let config = relay_config(
-        &url_with_password(&pool),
-        broker.bootstrap(),
-        &[],
-        &[
-            ("sasl.username", "\"relay\""),
-            ("sasl.password", &format!("{KAFKA_SECRET:?}")),
-        ],
-    );
-    // The most talkative logging there is, while events flow.
-    let debug = [("RUST_LOG", "trace")];
-    let mut relay = RelayProcess::start_with(&config, &["run"], &debug).unwrap();
-    let ids = write_stream(pool.clone(), topic.clone(), Stream::new(200, 10)).await;
-    db::wait_drained(&pool, Duration::from_secs(60))
-        .await
-        .unwrap();
-    relay.stop(Duration::from_secs(20)).await.unwrap();
-    let mut outputs = vec![("run", relay.output())];
-    assert!(outputs[0].1.contains("relay stopped"), "{}", outputs[0].1);
-    println!("{} events relayed with trace logging", ids.len());
+broker_test! {
+    async fn secrets_never_appear_in_logs_or_printed_config(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("secrets");
+        broker.create_topic(&topic, 2).await.unwrap();
+        let config = relay_config(
+            &url_with_password(&pool),
+            broker.bootstrap(),
+            &[],
+            &[
+                ("sasl.username", "\"relay\""),
+                ("sasl.password", &format!("{KAFKA_SECRET:?}")),
+            ],
+        );
+        // The most talkative logging there is, while events flow.
+        let debug = [("RUST_LOG", "trace")];
+        let mut relay = RelayProcess::start_with(&config, &["run"], &debug).unwrap();
+        let ids = write_stream(pool.clone(), topic.clone(), Stream::new(200, 10)).await;
+        db::wait_drained(&pool, Duration::from_secs(60))
+            .await
+            .unwrap();
+        relay.stop(Duration::from_secs(20)).await.unwrap();
+        let mut outputs = vec![("run", relay.output())];
+        assert!(outputs[0].1.contains("relay stopped"), "{}", outputs[0].1);
+        println!("{} events relayed with trace logging", ids.len());
 
-    let bad = config.replace("batch-size = 1000", "batch-size = 0");
-    for (name, config, args) in [
-        ("config show", &config, &["config", "show"][..]),
-        ("config show --json", &config, &["config", "show", "--json"]),
-        ("config check", &config, &["config", "check"]),
-        ("config check (invalid)", &bad, &["config", "check"]),
-        ("run (invalid)", &bad, &["run"]),
-        ("status", &config, &["status"]),
-    ] {
-        let mut command = RelayProcess::start_with(config, args, &debug).unwrap();
-        command.wait(Duration::from_secs(30)).await.unwrap();
-        outputs.push((name, command.output()));
-    }
-    assert!(outputs[1].1.contains("REDACTED"), "{}", outputs[1].1);
-    assert!(outputs[1].1.contains("sasl.username"), "{}", outputs[1].1);
-    assert!(
-        outputs[4].1.contains("relay.batch-size"),
-        "{}",
-        outputs[4].1
-    );
-    for (name, output) in outputs {
-        for secret in [PG_SECRET, KAFKA_SECRET] {
-            assert!(
-                !output.contains(secret),
-                "{name} printed {secret}:\n{output}"
-            );
+        let bad = config.replace("batch-size = 1000", "batch-size = 0");
+        for (name, config, args) in [
+            ("config show", &config, &["config", "show"][..]),
+            ("config show --json", &config, &["config", "show", "--json"]),
+            ("config check", &config, &["config", "check"]),
+            ("config check (invalid)", &bad, &["config", "check"]),
+            ("run (invalid)", &bad, &["run"]),
+            ("status", &config, &["status"]),
+        ] {
+            let mut command = RelayProcess::start_with(config, args, &debug).unwrap();
+            command.wait(Duration::from_secs(30)).await.unwrap();
+            outputs.push((name, command.output()));
+        }
+        assert!(outputs[1].1.contains("REDACTED"), "{}", outputs[1].1);
+        assert!(outputs[1].1.contains("sasl.username"), "{}", outputs[1].1);
+        assert!(
+            outputs[4].1.contains("relay.batch-size"),
+            "{}",
+            outputs[4].1
+        );
+        for (name, output) in outputs {
+            for secret in [PG_SECRET, KAFKA_SECRET] {
+                assert!(
+                    !output.contains(secret),
+                    "{name} printed {secret}:\n{output}"
+                );
+            }
         }
     }
 }
@@ -458,102 +458,102 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
     assert!(ok && out.contains("\"inbox_records\": 0"), "{out}");
 }
 
-#[sqlx::test(migrator = "consign::MIGRATOR")]
-async fn archived_rows_are_kept_by_day_and_old_days_are_dropped_whole(pool: PgPool) {
-    let broker = TestBroker::start().unwrap();
-    let topic = unique_topic("archive");
-    broker.create_topic(&topic, 2).await.unwrap();
-    let relay = Relay::builder(pool.clone())
-        .kafka("bootstrap.servers", broker.bootstrap())
-        .settings(fast_relay_settings())
-        .archive(true)
-        .build()
-        .unwrap()
-        .spawn();
-    let ids = write_stream(pool.clone(), topic.clone(), Stream::new(500, 20)).await;
-    db::wait_drained(&pool, WAIT).await.unwrap();
-    relay.shutdown().await.unwrap();
-    let today: String = sqlx::query_scalar(
-        "SELECT 'consign_outbox_archive_' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let count = |table: &str| {
-        let query = format!("SELECT count(*) FROM {table}");
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(query))
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(
-        count(&today).await,
-        500,
-        "published rows are in today's partition"
-    );
-    assert_eq!(count("consign_outbox_archive_default").await, 0);
-    let archived: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM consign_outbox_archive ORDER BY seq")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert_eq!(archived, ids);
-
-    // A partition of 10 days ago with 3 rows, and 1 row of 40 days ago in
-    // the default partition (its day had no partition).
-    let old: String = sqlx::query_scalar(
-        "SELECT consign_archive_partition((now() AT TIME ZONE 'UTC')::date - 10)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    for (age, n) in [("10 days", 3), ("40 days", 1)] {
-        sqlx::query(
-            "INSERT INTO consign_outbox_archive
-                 (seq, id, partition, topic, event_type, payload, headers, created_at, attempts, published_at)
-             SELECT g, gen_random_uuid(), 0, 't', 'Old', '', '{}', now(), 0, now() - $1::interval
-             FROM generate_series(1, $2) AS g",
+broker_test! {
+    async fn archived_rows_are_kept_by_day_and_old_days_are_dropped_whole(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("archive");
+        broker.create_topic(&topic, 2).await.unwrap();
+        let relay = Relay::builder(pool.clone())
+            .kafka("bootstrap.servers", broker.bootstrap())
+            .settings(fast_relay_settings())
+            .archive(true)
+            .build()
+            .unwrap()
+            .spawn();
+        let ids = write_stream(pool.clone(), topic.clone(), Stream::new(500, 20)).await;
+        db::wait_drained(&pool, WAIT).await.unwrap();
+        relay.shutdown().await.unwrap();
+        let today: String = sqlx::query_scalar(
+            "SELECT 'consign_outbox_archive_' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')",
         )
-        .bind(age)
-        .bind(n)
-        .execute(&pool)
-        .await
-        .unwrap();
-    }
-    assert_eq!(count(&old).await, 3);
-
-    let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
-    let (ok, out) = admin_command(
-        &config,
-        &["cleanup", "--archive-older-than", "7days", "--json"],
-    )
-    .await;
-    assert!(ok, "{out}");
-    let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        cleaned["archive_partitions"],
-        serde_json::json!([old]),
-        "{out}"
-    );
-    assert_eq!(cleaned["archive_default_rows"], 1, "{out}");
-    let gone: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(&old)
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(gone, None, "the old day was dropped as a table");
-    assert_eq!(
-        count("consign_outbox_archive").await,
-        500,
-        "today's rows stay"
-    );
-    // The default retention (30 days) drops nothing more.
-    let (ok, out) = admin_command(&config, &["cleanup"]).await;
-    assert!(
-        ok && out.contains("dropped 0 archive partitions older than 30days"),
-        "{out}"
-    );
+        let count = |table: &str| {
+            let query = format!("SELECT count(*) FROM {table}");
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(query))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            count(&today).await,
+            500,
+            "published rows are in today's partition"
+        );
+        assert_eq!(count("consign_outbox_archive_default").await, 0);
+        let archived: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM consign_outbox_archive ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(archived, ids);
+
+        // A partition of 10 days ago with 3 rows, and 1 row of 40 days ago in
+        // the default partition (its day had no partition).
+        let old: String = sqlx::query_scalar(
+            "SELECT consign_archive_partition((now() AT TIME ZONE 'UTC')::date - 10)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        for (age, n) in [("10 days", 3), ("40 days", 1)] {
+            sqlx::query(
+                "INSERT INTO consign_outbox_archive
+                     (seq, id, partition, topic, event_type, payload, headers, created_at, attempts, published_at)
+                 SELECT g, gen_random_uuid(), 0, 't', 'Old', '', '{}', now(), 0, now() - $1::interval
+                 FROM generate_series(1, $2) AS g",
+            )
+            .bind(age)
+            .bind(n)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        assert_eq!(count(&old).await, 3);
+
+        let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
+        let (ok, out) = admin_command(
+            &config,
+            &["cleanup", "--archive-older-than", "7days", "--json"],
+        )
+        .await;
+        assert!(ok, "{out}");
+        let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            cleaned["archive_partitions"],
+            serde_json::json!([old]),
+            "{out}"
+        );
+        assert_eq!(cleaned["archive_default_rows"], 1, "{out}");
+        let gone: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&old)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(gone, None, "the old day was dropped as a table");
+        assert_eq!(
+            count("consign_outbox_archive").await,
+            500,
+            "today's rows stay"
+        );
+        // The default retention (30 days) drops nothing more.
+        let (ok, out) = admin_command(&config, &["cleanup"]).await;
+        assert!(
+            ok && out.contains("dropped 0 archive partitions older than 30days"),
+            "{out}"
+        );
+    }
 }
