@@ -23,8 +23,6 @@ use nix::{
 };
 use rdkafka::{
     ClientConfig,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
 };
 
@@ -494,29 +492,7 @@ impl KafkaCluster {
     /// If the broker refuses or a partition has no leader after 60 s.
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let replicas = i32::try_from(self.node_ids().len().min(3))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .context("admin client")?;
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin
-            .create_topics(
-                &[NewTopic::new(
-                    topic,
-                    partitions,
-                    TopicReplication::Fixed(replicas),
-                )],
-                &options,
-            )
-            .await
-            .context("create topic")?;
-        for result in results {
-            if let Err((name, code)) = result
-                && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-            {
-                bail!("creating topic {name}: {code}");
-            }
-        }
+        crate::kafka::create_topic_with_admin(&self.bootstrap, topic, partitions, replicas).await?;
         for partition in 0..partitions {
             self.leader(topic, partition, Duration::from_secs(60))
                 .await?;

@@ -268,7 +268,7 @@ impl TestBroker {
         match self {
             Self::Mock(mock) => mock.create_topic(topic, partitions),
             Self::Kafka(cluster) => cluster.create_topic(topic, partitions).await,
-            Self::External(address) => create_external_topic(address, topic, partitions).await,
+            Self::External(address) => create_topic_with_admin(address, topic, partitions, 1).await,
         }
     }
 }
@@ -358,7 +358,13 @@ impl TestBroker {
     }
 }
 
-async fn create_external_topic(address: &str, topic: &str, partitions: i32) -> Result<()> {
+/// Creates `topic` through the admin API (an existing one is fine).
+pub(crate) async fn create_topic_with_admin(
+    address: &str,
+    topic: &str,
+    partitions: i32,
+    replicas: i32,
+) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", address)
         .create()
@@ -366,7 +372,11 @@ async fn create_external_topic(address: &str, topic: &str, partitions: i32) -> R
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(replicas),
+            )],
             &options,
         )
         .await
