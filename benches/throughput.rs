@@ -5,14 +5,21 @@
 //! (b) relay throughput draining a backlog of 256-byte events, beside the raw
 //!     producer (same messages straight from memory) as the ceiling;
 //! (c) commit -> broker-ack latency at a steady 2 000 events/s with the
-//!     embedded relay, woken after commit and polling only;
+//!     embedded relay, woken after commit and polling only (and 5 000/s on
+//!     real Kafka), with the rate the writers really reached;
 //! (d) draining a backlog with 1, 2 and 3 relays sharing the outbox through
-//!     leases, with Kafka transactions off and on.
+//!     leases, with Kafka transactions off and on;
+//! (e) the `consign-relay` process (release build, production profile)
+//!     draining a backlog: its rate and peak RSS (`VmHWM`).
 //!
-//! Kafka is librdkafka's in-process mock cluster. Scale with
-//! `BENCH_BACKLOG` (default 200000), `BENCH_SCALE_BACKLOG` (default 100000
-//! per run of (d)) and `BENCH_SECONDS`
-//! (seconds per measured run, default 4 for (a) and 10 for (c)).
+//! (b) to (e) run on each broker: librdkafka's in-process mock cluster and
+//! real Apache Kafka (a 1-node KRaft cluster on loopback started from the jars
+//! `scripts/kafka.sh fetch` resolves; skipped with a note when they are
+//! missing). `BENCH_KAFKA=mock` or `real` picks one. Scale with
+//! `BENCH_BACKLOG` (default 200000 on the mock cluster),
+//! `BENCH_REAL_BACKLOG` (default 1000000 on real Kafka), `BENCH_SCALE_BACKLOG`
+//! (default 100000 per run of (d)) and `BENCH_SECONDS` (seconds per measured
+//! run, default 4 for (a) and 10 for (c)).
 
 use std::{
     collections::HashMap,
@@ -26,17 +33,17 @@ use std::{
 
 use anyhow::{Context, Result};
 use consign::{Event, Message, Outbox, Relay};
+use consign_test_support::{BrokerKind as Kind, RelayProcess};
 use futures_util::future::join_all;
 use hdrhistogram::Histogram;
 use rdkafka::{
     ClientConfig,
     message::{Header, OwnedHeaders},
-    mocking::MockCluster,
     producer::{FutureProducer, FutureRecord},
 };
 use serde::Serialize;
 use sqlx::{
-    Connection, Executor, PgConnection, PgPool,
+    ConnectOptions, Connection, Executor, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -88,7 +95,7 @@ async fn main() -> Result<()> {
 
 async fn run(options: PgConnectOptions) -> Result<()> {
     let pool = PgPoolOptions::new()
-        .max_connections(12)
+        .max_connections(16)
         .connect_with(options)
         .await?;
     consign::migrate(&pool).await?;
@@ -112,10 +119,22 @@ async fn run(options: PgConnectOptions) -> Result<()> {
         }
     );
     transactions(&pool).await?;
-    drain(&pool).await?;
-    latency(&pool).await?;
-    scale_out(&pool).await?;
+    for kind in Kind::from_env() {
+        println!("==== broker: {} ====\n", kind.describe());
+        drain(&pool, kind).await?;
+        latency(&pool, kind).await?;
+        scale_out(&pool, kind).await?;
+        relay_process(&pool, kind).await?;
+    }
     Ok(())
+}
+
+/// The backlog (b) and (e) drain on `kind`.
+fn backlog(kind: Kind) -> u64 {
+    match kind {
+        Kind::Mock => env_number("BENCH_BACKLOG", 200_000),
+        Kind::Real => env_number("BENCH_REAL_BACKLOG", 1_000_000),
+    }
 }
 
 // ---------------------------------------------------------------- (a) TPS
@@ -261,34 +280,30 @@ async fn transactions(pool: &PgPool) -> Result<()> {
 
 // --------------------------------------------------------------- (b) drain
 
-fn mock_cluster() -> Result<MockCluster<'static, rdkafka::producer::DefaultProducerContext>> {
-    let cluster = MockCluster::new(1)?;
-    cluster.create_topic(TOPIC, 6, 1)?;
-    Ok(cluster)
-}
-
-async fn drain(pool: &PgPool) -> Result<()> {
-    let backlog = env_number("BENCH_BACKLOG", 200_000);
+async fn drain(pool: &PgPool, kind: Kind) -> Result<()> {
+    let backlog = backlog(kind);
     let payload = vec![b'x'; 256];
     println!(
-        "(b) relay throughput: draining {backlog} events of {} bytes (1000 keys), mock cluster",
+        "(b) relay throughput: draining {backlog} events of {} bytes (1000 keys)",
         payload.len()
     );
     let fill_rate = fill_backlog(pool, backlog, &payload).await?;
-    let cluster = mock_cluster()?;
-    let (relay_rate, batches, left) = relay_drain(pool, &cluster, backlog, false).await?;
-    fill_backlog(pool, backlog, &payload).await?;
-    let (archive_rate, _, archive_left) = relay_drain(pool, &cluster, backlog, true).await?;
-
-    let raw_rate = raw_producer(&cluster.bootstrap_servers(), backlog, &payload).await?;
+    let broker = kind.start(TOPIC, 6).await?;
+    let (relay_rate, batches, left) = relay_drain(pool, broker.bootstrap(), backlog, false).await?;
     println!(
         "    {:<40} {:>9.0} events/s   ({batches} batches, {left} rows left)",
         "consign relay (batch 1000)", relay_rate
     );
-    println!(
-        "    {:<40} {:>9.0} events/s   (rows moved to the day-partitioned archive, {archive_left} left)",
-        "consign relay, relay.archive = true", archive_rate
-    );
+    if kind == Kind::Mock {
+        fill_backlog(pool, backlog, &payload).await?;
+        let (archive_rate, _, archive_left) =
+            relay_drain(pool, broker.bootstrap(), backlog, true).await?;
+        println!(
+            "    {:<40} {:>9.0} events/s   (rows moved to the day-partitioned archive, {archive_left} left)",
+            "consign relay, relay.archive = true", archive_rate
+        );
+    }
+    let raw_rate = raw_producer(broker.bootstrap(), backlog, &payload).await?;
     println!(
         "    {:<40} {:>9.0} events/s   (same messages from memory, no database)",
         "raw idempotent producer", raw_rate
@@ -308,7 +323,7 @@ async fn drain(pool: &PgPool) -> Result<()> {
 /// second, batches, and rows left in the outbox.
 async fn relay_drain(
     pool: &PgPool,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    bootstrap: &str,
     backlog: u64,
     archive: bool,
 ) -> Result<(f64, u64, i64)> {
@@ -316,7 +331,7 @@ async fn relay_drain(
     let counter = Arc::clone(&published);
     let started = Instant::now();
     let relay = Relay::builder(pool.clone())
-        .kafka("bootstrap.servers", cluster.bootstrap_servers())
+        .kafka("bootstrap.servers", bootstrap)
         .archive(archive)
         .on_published(move |ids| {
             counter.fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -359,7 +374,7 @@ async fn fill_backlog(pool: &PgPool, backlog: u64, payload: &[u8]) -> Result<f64
 
 // ------------------------------------------------------------ (d) scale-out
 
-async fn scale_out(pool: &PgPool) -> Result<()> {
+async fn scale_out(pool: &PgPool, kind: Kind) -> Result<()> {
     let backlog = env_number("BENCH_SCALE_BACKLOG", 100_000);
     let payload = vec![b'x'; 256];
     println!(
@@ -373,14 +388,14 @@ async fn scale_out(pool: &PgPool) -> Result<()> {
     for transactions in [false, true] {
         for relays in 1..=3 {
             fill_backlog(pool, backlog, &payload).await?;
-            let cluster = mock_cluster()?;
+            let broker = kind.start(TOPIC, 6).await?;
             let published = Arc::new(AtomicU64::new(0));
             let started = Instant::now();
             let handles = (0..relays)
                 .map(|_| {
                     let counter = Arc::clone(&published);
                     Relay::builder(pool.clone())
-                        .kafka("bootstrap.servers", cluster.bootstrap_servers())
+                        .kafka("bootstrap.servers", broker.bootstrap())
                         .lease_ttl(Duration::from_secs(2))
                         .transactions(transactions)
                         .on_published(move |ids| {
@@ -416,9 +431,66 @@ async fn scale_out(pool: &PgPool) -> Result<()> {
         }
     }
     println!(
-        "    (one machine: the relays share its CPUs, the database and one mock broker; more relays add\n     failover and spread load across hosts, not throughput on a 2-core box)\n"
+        "    (one machine: the relays share its CPUs, the database and one broker; more relays add\n     failover and spread load across hosts, not throughput on a 2-core box)\n"
     );
     Ok(())
+}
+
+// ------------------------------------------------------- (e) relay process
+
+/// The `consign-relay` binary as operators run it (release build, production
+/// profile, batch 1000) draining a backlog: its rate, start-up included, and
+/// its peak resident memory.
+async fn relay_process(pool: &PgPool, kind: Kind) -> Result<()> {
+    let backlog = backlog(kind);
+    let payload = vec![b'x'; 256];
+    println!(
+        "(e) consign-relay process (release, production profile) draining {backlog} events of {} bytes",
+        payload.len()
+    );
+    fill_backlog(pool, backlog, &payload).await?;
+    let broker = kind.start(TOPIC, 6).await?;
+    let url = pool.connect_options().to_url_lossy();
+    let config = format!(
+        "[database]\nurl = {:?}\n\n[admin]\nenabled = false\n\n[kafka]\n\"bootstrap.servers\" = {:?}\n",
+        url.as_str(),
+        broker.bootstrap()
+    );
+    let started = Instant::now();
+    let mut relay = RelayProcess::start(&config)?;
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
+            .fetch_one(pool)
+            .await?;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    let peak = peak_rss_kib(relay.id())?;
+    relay.stop(Duration::from_secs(30)).await?;
+    println!(
+        "    {:<40} {:>9.0} events/s   (process start to empty outbox)",
+        "consign-relay process",
+        backlog as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "    {:<40} {:>9.1} MiB      (VmHWM, as /usr/bin/time -v reports it)\n",
+        "peak RSS of the relay process",
+        peak as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Peak resident set size of process `pid` in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/<pid>/status")
 }
 
 /// The ceiling: the relay's producer settings, the same records and headers,
@@ -461,23 +533,35 @@ async fn raw_producer(bootstrap: &str, count: u64, payload: &[u8]) -> Result<f64
 
 // ------------------------------------------------------------- (c) latency
 
-async fn latency(pool: &PgPool) -> Result<()> {
+async fn latency(pool: &PgPool, kind: Kind) -> Result<()> {
     let seconds = env_number("BENCH_SECONDS", 10).max(5);
     println!(
-        "(c) commit -> broker ack latency at 2000 events/s (2 writers x 1000 tx/s, one event per transaction), {seconds} s"
+        "(c) commit -> broker ack latency, one event per transaction, writers paced to the nominal rate, {seconds} s each"
     );
-    let cluster = mock_cluster()?;
-    for wake in [true, false] {
-        let (histogram, rate) =
-            latency_run(pool, &cluster.bootstrap_servers(), wake, seconds).await?;
+    let broker = kind.start(TOPIC, 6).await?;
+    let mut runs = vec![(2000, true), (2000, false)];
+    if kind == Kind::Real {
+        runs.push((5000, true));
+    }
+    for (rate, wake) in runs {
+        let (histogram, reached) =
+            latency_run(pool, broker.bootstrap(), wake, seconds, rate).await?;
         let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-        println!(
-            "    {:<40} p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  ({} events, {rate:.0}/s)",
+        let label = format!(
+            "{rate}/s, {}",
             if wake {
-                "embedded relay, woken after commit"
+                "embedded relay woken after commit"
             } else {
                 "polling only (no wake-up)"
-            },
+            }
+        );
+        let short = if reached < 0.95 * f64::from(rate) {
+            format!("; NOT the nominal {rate}/s")
+        } else {
+            String::new()
+        };
+        println!(
+            "    {label:<46} p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  ({} events, reached {reached:.0}/s{short})",
             ms(0.5),
             ms(0.9),
             ms(0.99),
@@ -485,15 +569,19 @@ async fn latency(pool: &PgPool) -> Result<()> {
             histogram.len(),
         );
     }
-    println!("    target with wake-up: p50 <= 5 ms, p99 <= 20 ms");
+    println!("    target with wake-up: p50 <= 5 ms, p99 <= 20 ms\n");
     Ok(())
 }
 
+/// Writers commit one event per transaction at `rate` in all (each writer at
+/// most one transaction per 2 ms). Returns the commit -> ack latencies and
+/// the rate the writers really reached.
 async fn latency_run(
     pool: &PgPool,
     bootstrap: &str,
     wake: bool,
     seconds: u64,
+    rate: u32,
 ) -> Result<(Histogram<u64>, f64)> {
     let acked: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let sink = Arc::clone(&acked);
@@ -510,14 +598,16 @@ async fn latency_run(
     let warmup = started + Duration::from_secs(1);
     let deadline = warmup + Duration::from_secs(seconds);
     let ids = Arc::new(AtomicI64::new(
-        1_000_000_000 * i64::from(wake) + 500_000_000,
+        1_000_000_000 * i64::from(wake) + 100_000_000 * i64::from(rate / 1000),
     ));
-    let writers = (0..2).map(|_| {
+    let writers = (rate / 500).max(1);
+    let period = Duration::from_micros(u64::from(writers) * 1_000_000 / u64::from(rate));
+    let writers = (0..writers).map(|_| {
         let (pool, waker, ids) = (pool.clone(), relay.waker(), Arc::clone(&ids));
         tokio::spawn(async move {
             let outbox = Outbox::new();
             let mut committed = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             while Instant::now() < deadline {
                 tick.tick().await;

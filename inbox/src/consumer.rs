@@ -360,11 +360,17 @@ impl ConsumerContext for Ctx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.position_at_stored_offsets(tpl);
                 self.state().assigned.extend(tp_list(tpl));
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
-                }
+                };
+                // librdkafka keeps a partition's pause across a revocation:
+                // one paused for backpressure (its queue full), revoked and
+                // assigned back to this member would stay paused for good.
+                // Its waiting messages went with the revocation; start it
+                // afresh.
+                assigned.and_then(|()| consumer.resume(tpl))
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked = tp_list(tpl);

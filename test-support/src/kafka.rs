@@ -390,3 +390,57 @@ pub(crate) async fn create_topic_with_admin(
     }
     Ok(())
 }
+
+/// A kind of broker for benchmarks, which print figures for each side by
+/// side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// librdkafka's mock cluster, in the benchmark's process.
+    Mock,
+    /// Apache Kafka: one KRaft node on loopback.
+    Real,
+}
+
+impl BrokerKind {
+    /// `BENCH_KAFKA=mock` or `real`; otherwise both, the real one only where
+    /// Java and Kafka's jars are there (a line says why it is skipped).
+    #[must_use]
+    pub fn from_env() -> Vec<Self> {
+        match std::env::var("BENCH_KAFKA").as_deref() {
+            Ok("mock") => vec![Self::Mock],
+            Ok("real") => vec![Self::Real],
+            _ => match crate::cluster::kafka_libs() {
+                Ok(_) => vec![Self::Mock, Self::Real],
+                Err(e) => {
+                    println!("real Kafka skipped: {e:#}\n");
+                    vec![Self::Mock]
+                }
+            },
+        }
+    }
+
+    /// What it is, for a heading.
+    #[must_use]
+    pub fn describe(self) -> String {
+        match self {
+            Self::Mock => "librdkafka mock cluster (in process)".into(),
+            Self::Real => format!(
+                "Apache Kafka {} (1 KRaft node, loopback)",
+                crate::cluster::kafka_version()
+            ),
+        }
+    }
+
+    /// A fresh broker of this kind with `topic` created.
+    ///
+    /// # Errors
+    /// If it cannot start or create the topic.
+    pub async fn start(self, topic: &str, partitions: i32) -> Result<TestBroker> {
+        let broker = match self {
+            Self::Mock => TestBroker::Mock(MockKafka::start(1)?),
+            Self::Real => TestBroker::Kafka(Arc::new(KafkaCluster::start(1)?)),
+        };
+        broker.create_topic(topic, partitions).await?;
+        Ok(broker)
+    }
+}

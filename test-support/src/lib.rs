@@ -26,7 +26,9 @@ pub mod stream;
 pub mod tap;
 
 pub use cluster::{KAFKA_JVM_OPTS_ENV, KAFKA_LIBS_ENV, KafkaCluster, kafka_libs, kafka_version};
-pub use kafka::{EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions, real_kafka_tier};
+pub use kafka::{
+    BrokerKind, EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions, real_kafka_tier,
+};
 pub use process::{
     CONSUMER_BIN_ENV, ChildProcess, RELAY_BIN_ENV, RelayProcess, consumer_binary, relay_binary,
 };
