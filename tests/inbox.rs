@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consign::inbox::{BoxError, Delivery, InboxLayer, InboxStats, MissingId, RetryPolicy};
+use consign::inbox::{
+    BoxError, Delivery, InboxConsumer, InboxLayer, InboxStats, MissingId, RetryPolicy,
+};
 use consign_test_support::effects::{self, Running, TestMessage, produce, tally};
 use consign_test_support::{TestBroker, TopicReader, broker_test, db, eventually, unique_topic};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use uuid::Uuid;
 
@@ -376,4 +379,59 @@ broker_test! {
             (5000, 5000, 0)
         );
     }
+}
+
+/// A consumer that cannot go on must say so: `run` returns the error instead
+/// of logging it for ever. Two members with one `group.instance.id` (static
+/// membership): the broker fences the older one, a fatal error for
+/// librdkafka, and its `run` ends with it. A session timeout the broker
+/// refuses (below `group.min.session.timeout.ms`) ends `run` with an error
+/// naming the property. Real Kafka only (the mock cluster has no static
+/// membership nor session limits).
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn fatal_consumer_errors_end_run_with_the_error(pool: PgPool) {
+    let Some(broker) = TestBroker::real().unwrap() else {
+        return;
+    };
+    let topic = setup(&pool, &broker, 1).await;
+    let inbox = InboxLayer::new(pool.clone(), unique_topic("fatal-test"));
+    let service = ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(effects::record);
+    let start = |extra: (&'static str, &'static str)| {
+        let consumer = InboxConsumer::builder(&inbox)
+            .topic(&topic)
+            .kafka("bootstrap.servers", broker.bootstrap())
+            .kafka("session.timeout.ms", "6000")
+            .kafka(extra.0, extra.1)
+            .build()
+            .unwrap();
+        tokio::spawn(consumer.run(service.clone(), CancellationToken::new()))
+    };
+    let first = start(("group.instance.id", "member-a"));
+    produce(broker.bootstrap(), &topic, &TestMessage::stream(1, 10))
+        .await
+        .unwrap();
+    wait_for_effects(&pool, 10).await;
+    let second = start(("group.instance.id", "member-a"));
+    let ended = tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the fenced consumer's run did not end")
+        .unwrap();
+    let error = ended.expect_err("run ended without an error");
+    println!("fenced member: {error}");
+    assert!(
+        error.to_string().to_lowercase().contains("fenced"),
+        "{error}"
+    );
+    second.abort();
+
+    let refused = start(("session.timeout.ms", "3000"));
+    let ended = tokio::time::timeout(WAIT, refused)
+        .await
+        .expect("run with a refused session timeout did not end")
+        .unwrap();
+    let error = ended.expect_err("run ended without an error");
+    println!("refused session timeout: {error}");
+    assert!(error.to_string().contains("session.timeout.ms"), "{error}");
 }

@@ -16,7 +16,7 @@ use backon::BackoffBuilder as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
@@ -462,7 +462,12 @@ where
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Err(error)) => tracing::warn!(%error, "kafka consumer error"),
+            Some(Err(error)) => {
+                if let Some(stop) = lasting(&consumer, &error) {
+                    break Err(stop);
+                }
+                tracing::warn!(%error, "kafka consumer error");
+            }
             Some(Ok(message)) => {
                 let received = Received::from_kafka(&message);
                 drop(message);
@@ -480,6 +485,31 @@ where
     drop(consumer);
     tracing::info!(group = %settings.group, "inbox consumer stopped");
     result
+}
+
+/// The consumer errors that retrying cannot heal, which end `run`: fatal
+/// ones, and a session timeout the broker refuses (librdkafka would retry
+/// joining the group for ever, consuming nothing).
+fn lasting(consumer: &BaseConsumer<Ctx>, error: &KafkaError) -> Option<ConsumerError> {
+    match error {
+        KafkaError::MessageConsumptionFatal(code) => {
+            let reason = consumer
+                .client()
+                .fatal_error()
+                .map_or_else(|| code.to_string(), |(_, reason)| reason);
+            tracing::error!(%reason, "kafka consumer failed for good; stopping");
+            Some(ConsumerError::Fatal(reason))
+        }
+        KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidSessionTimeout) => {
+            Some(ConsumerError::Config(
+                "session.timeout.ms: the broker refused it (it must lie within the broker's \
+                 group.min.session.timeout.ms and group.max.session.timeout.ms, 6 s to 30 min \
+                 by default)"
+                    .into(),
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Hands a message to its partition's worker, in order behind any waiting

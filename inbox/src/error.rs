@@ -37,9 +37,15 @@ pub enum ConsumerError {
     #[error("kafka consumer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 
-    /// A configuration value is wrong.
+    /// A configuration value is wrong, or the broker refused it.
     #[error("invalid consumer configuration: {0}")]
     Config(String),
+
+    /// The Kafka client failed for good (librdkafka's fatal errors, e.g. a
+    /// static member fenced by another with the same `group.instance.id`):
+    /// it cannot consume any more; restart it (offsets are in the database).
+    #[error("kafka consumer failed for good: {0}")]
+    Fatal(String),
 
     /// A partition worker stopped unexpectedly; the consumer stopped so that
     /// no message is skipped (restarting resumes from the stored offsets).
