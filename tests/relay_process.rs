@@ -323,3 +323,95 @@ async fn migrate_command_creates_the_schema_and_is_idempotent(pool: PgPool) {
         assert_eq!(table.as_deref(), Some(expected));
     }
 }
+
+/// Runs `consign-relay` with `args` and only the environment `env`; returns
+/// whether it succeeded and what it printed.
+async fn relay_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut relay = RelayProcess::start_relay(args, env).unwrap();
+    let status = relay.wait(Duration::from_secs(20)).await.unwrap();
+    (status.success(), relay.output())
+}
+
+/// Every environment form the README documents works through the binary, as
+/// containers use it: `DATABASE_URL`, `CONSIGN_<SECTION>__<FIELD>` (in
+/// `[kafka]`, `_` stands for `.`), `CONSIGN_CONFIG` for the file and
+/// `CONSIGN_PROFILE`.
+#[tokio::test]
+async fn documented_environment_variables_configure_the_relay() {
+    let url = "postgres://app@db.internal:5432/orders";
+    let env = [
+        ("DATABASE_URL", url),
+        ("CONSIGN_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        ("CONSIGN_KAFKA__LINGER_MS", "5"),
+        ("CONSIGN_RELAY__BATCH_SIZE", "500"),
+        ("CONSIGN_PROFILE", "development"),
+    ];
+    let (ok, output) = relay_with_env(&["config", "check"], &env).await;
+    assert!(
+        ok,
+        "config check refused the documented variables: {output}"
+    );
+    let (ok, output) = relay_with_env(&["config", "show", "--json"], &env).await;
+    assert!(ok, "{output}");
+    let json_start = output
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON: {output}"));
+    let shown: serde_json::Value = serde_json::from_str(&output[json_start..]).unwrap();
+    assert_eq!(
+        shown["kafka"]["bootstrap.servers"], "127.0.0.1:9092",
+        "{shown}"
+    );
+    assert_eq!(shown["kafka"]["linger.ms"], "5", "{shown}");
+    assert_eq!(shown["relay"]["batch-size"], 500, "{shown}");
+    assert_eq!(shown["profile"], "development", "{shown}");
+    assert_eq!(shown["database"]["url"], url, "{shown}");
+
+    // The file through CONSIGN_CONFIG, a variable on top of it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(
+        &file,
+        format!("[database]\nurl = {url:?}\n\n[kafka]\n\"bootstrap.servers\" = \"k1:9092\"\n"),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let (ok, output) = relay_with_env(&["config", "check"], &[("CONSIGN_CONFIG", file)]).await;
+    assert!(ok, "CONSIGN_CONFIG refused: {output}");
+    let (ok, output) = relay_with_env(
+        &["config", "show", "--json"],
+        &[("CONSIGN_CONFIG", file), ("CONSIGN_RELAY__BATCH_SIZE", "7")],
+    )
+    .await;
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("k1:9092") && output.contains("\"batch-size\": 7"),
+        "{output}"
+    );
+
+    // config check refuses what run would: a property librdkafka refuses.
+    let (ok, output) = relay_with_env(
+        &["config", "check"],
+        &[
+            ("CONSIGN_CONFIG", file),
+            ("CONSIGN_KAFKA__COMPRESSION_TYPE", "brotli"),
+        ],
+    )
+    .await;
+    assert!(!ok, "config check accepted a property librdkafka refuses");
+    assert!(output.contains("kafka.compression.type"), "{output}");
+
+    // The README's example of a refused value.
+    let (ok, output) = relay_with_env(
+        &["config", "check"],
+        &[
+            ("CONSIGN_CONFIG", file),
+            ("CONSIGN_RELAY__LEASE_TTL", "100ms"),
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        output.contains("relay.lease-ttl: must be between 1s and 10m, got 100ms"),
+        "{output}"
+    );
+}

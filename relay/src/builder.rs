@@ -238,12 +238,99 @@ fn producer_config(user: &BTreeMap<String, String>) -> Result<ClientConfig> {
     Ok(config)
 }
 
+/// Checks the `[kafka]` producer properties as the relay would use them:
+/// `bootstrap.servers` given, and every property accepted by librdkafka
+/// (known name, valid value, supported by this build), without creating a
+/// client or connecting.
+///
+/// # Errors
+/// [`Error::Config`] naming the refused property (secret values redacted).
+pub fn check_kafka_config(kafka: &BTreeMap<String, String>) -> Result<()> {
+    producer_config(kafka)?
+        .create_native_config()
+        .map(drop)
+        .map_err(kafka_config_error)
+}
+
+/// librdkafka's refusal of a property, naming it; the value is shown unless
+/// the property holds a secret (its description then omits it too).
 fn kafka_config_error(error: KafkaError) -> Error {
     match error {
-        KafkaError::ClientConfig(_, description, key, value) => Error::config(
-            format!("kafka.{key}"),
-            format!("librdkafka refused {key:?} = {value:?}: {description}"),
-        ),
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let (value, description) = if is_secret_kafka_property(&key) {
+                let description = if value.is_empty() {
+                    description
+                } else {
+                    description.replace(&value, REDACTED)
+                };
+                (REDACTED.to_owned(), description)
+            } else {
+                (format!("{value:?}"), description)
+            };
+            Error::config(
+                format!("kafka.{key}"),
+                format!("librdkafka refused {key:?} = {value}: {description}"),
+            )
+        }
         other => Error::Kafka(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(key: &str, value: &str) -> String {
+        kafka_config_error(KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            format!("Invalid value \"{value}\" for configuration property \"{key}\""),
+            key.to_owned(),
+            value.to_owned(),
+        ))
+        .to_string()
+    }
+
+    #[test]
+    fn refused_secret_properties_are_redacted_in_the_error() {
+        for key in [
+            "ssl.key.password",
+            "sasl.password",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.pem",
+            "sasl.oauthbearer.config",
+        ] {
+            let message = refused(key, "hunter2");
+            assert!(!message.contains("hunter2"), "{message}");
+            assert!(
+                message.contains(key) && message.contains(REDACTED),
+                "{message}"
+            );
+        }
+        let message = refused("compression.type", "brotli");
+        assert!(message.contains("\"brotli\""), "{message}");
+    }
+
+    #[test]
+    fn config_check_refuses_what_librdkafka_refuses_without_connecting() {
+        let kafka = |extra: (&str, &str)| {
+            BTreeMap::from([
+                (
+                    "bootstrap.servers".to_owned(),
+                    "10.255.255.1:9092".to_owned(),
+                ),
+                (extra.0.to_owned(), extra.1.to_owned()),
+            ])
+        };
+        assert!(check_kafka_config(&kafka(("linger.ms", "5"))).is_ok());
+        let error = check_kafka_config(&kafka(("compression.type", "brotli"))).unwrap_err();
+        assert!(
+            error.to_string().contains("kafka.compression.type"),
+            "{error}"
+        );
+        let error = check_kafka_config(&kafka(("no.such.property", "1"))).unwrap_err();
+        assert!(
+            error.to_string().contains("kafka.no.such.property"),
+            "{error}"
+        );
     }
 }

@@ -242,6 +242,7 @@ async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Config(ConfigCommand::Check) => {
             config.validate()?;
+            crate::builder::check_kafka_config(&config.kafka_properties())?;
             println!("configuration is valid (profile {})", config.profile);
             Ok(())
         }

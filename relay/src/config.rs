@@ -657,18 +657,27 @@ impl Config {
         if !env {
             return Ok(figment);
         }
-        Ok(figment
+        let figment = figment
             .merge(
                 Env::raw()
                     .only(&["DATABASE_URL"])
                     .map(|_| "database.url".into()),
             )
             .merge(
+                // Keys arrive in their original case: compare uncased.
+                // CONSIGN_CONFIG names the file (read by the CLI), and
+                // `[kafka]` keys contain dots, which figment would nest.
                 Env::prefixed("CONSIGN_")
-                    .filter(|key| key.as_str() != "config")
+                    .filter(|key| !key.eq("config") && !is_kafka_env(key.as_str()))
                     .split("__")
                     .map(|key| env_key(key.as_str()).into()),
-            ))
+            );
+        let kafka = kafka_from_env(std::env::vars());
+        Ok(if kafka.is_empty() {
+            figment
+        } else {
+            figment.merge(Serialized::default("kafka", kafka))
+        })
     }
 
     /// Checks every section.
@@ -769,13 +778,30 @@ pub fn redact_url(url: &str) -> String {
     parsed.to_string()
 }
 
-/// `relay.batch_size` -> `relay.batch-size`; `kafka.bootstrap_servers` ->
-/// `kafka.bootstrap.servers`.
+/// `RELAY.BATCH_SIZE` -> `relay.batch-size`.
 fn env_key(key: &str) -> String {
-    match key.split_once('.') {
-        Some(("kafka", property)) => format!("kafka.{}", property.replace('_', ".")),
-        _ => key.replace('_', "-"),
-    }
+    key.to_ascii_lowercase().replace('_', "-")
+}
+
+const KAFKA_ENV: &str = "KAFKA__";
+
+fn is_kafka_env(key: &str) -> bool {
+    key.get(..KAFKA_ENV.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(KAFKA_ENV))
+}
+
+/// The `[kafka]` entries of `CONSIGN_KAFKA__<PROPERTY>` variables, `_` in the
+/// property standing for `.`: `CONSIGN_KAFKA__BOOTSTRAP_SERVERS` ->
+/// `bootstrap.servers`. Values stay strings, as librdkafka takes them.
+fn kafka_from_env(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<String, String> {
+    vars.filter_map(|(name, value)| {
+        let key = name.strip_prefix("CONSIGN_")?;
+        is_kafka_env(key).then(|| {
+            let property = &key[KAFKA_ENV.len()..];
+            (property.to_ascii_lowercase().replace('_', "."), value)
+        })
+    })
+    .collect()
 }
 
 fn figment_error(error: &figment::Error) -> Error {
@@ -1116,11 +1142,24 @@ url = "postgres://postgres@127.0.0.1:5432/test"
 
     #[test]
     fn env_keys_map_to_file_keys() {
-        assert_eq!(env_key("relay.batch_size"), "relay.batch-size");
-        assert_eq!(
-            env_key("kafka.bootstrap_servers"),
-            "kafka.bootstrap.servers"
-        );
+        assert_eq!(env_key("RELAY.BATCH_SIZE"), "relay.batch-size");
         assert_eq!(env_key("database.url"), "database.url");
+        let kafka = kafka_from_env(
+            [
+                ("CONSIGN_KAFKA__BOOTSTRAP_SERVERS", "h:9092"),
+                ("CONSIGN_KAFKA__LINGER_MS", "5"),
+                ("CONSIGN_RELAY__BATCH_SIZE", "10"),
+                ("OTHER_KAFKA__X", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        assert_eq!(
+            kafka.into_iter().collect::<Vec<_>>(),
+            [
+                ("bootstrap.servers".to_owned(), "h:9092".to_owned()),
+                ("linger.ms".to_owned(), "5".to_owned())
+            ]
+        );
     }
 }

@@ -67,7 +67,7 @@ pub mod status;
 mod store;
 mod txn;
 
-pub use builder::{PRODUCER_DEFAULTS, RelayBuilder};
+pub use builder::{PRODUCER_DEFAULTS, RelayBuilder, check_kafka_config};
 pub use config::{Config, Profile, RelaySettings};
 pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};

@@ -143,6 +143,16 @@ impl ChildProcess {
         Self::spawn(&relay_binary()?, dir, &all, env)
     }
 
+    /// Starts `consign-relay` with `args` and `env` only: no configuration
+    /// file unless `env` or `args` name one.
+    ///
+    /// # Errors
+    /// If the binary cannot be built or started.
+    pub fn start_relay(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        Self::spawn(&relay_binary()?, tempfile::tempdir()?, &args, env)
+    }
+
     /// Everything the process printed so far.
     #[must_use]
     pub fn output(&self) -> String {
