@@ -272,6 +272,84 @@ async fn row_state(pool: &PgPool, id: Uuid) -> Option<(i32, Option<String>)> {
         .unwrap()
 }
 
+/// A row the broker refuses (the topic's `max.message.bytes` is below the
+/// producer's, so librdkafka sends it and the broker answers
+/// MESSAGE_TOO_LARGE in its delivery report) is not overtaken by a later row
+/// of its key sent in a later request: that row is held until the refused one
+/// goes out, and the topic reads a1, a2. Each message is its own
+/// ProduceRequest (`linger.ms=0`, `batch.num.messages=1`). Real Kafka: the
+/// mock cluster does not check idempotent sequence numbers, so it would
+/// accept a2 after refusing a1 whatever the producer does.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn row_refused_in_its_delivery_report_is_not_overtaken_by_its_key(pool: PgPool) {
+    let Some(broker) = TestBroker::real().unwrap() else {
+        return;
+    };
+    let cluster = broker.cluster().unwrap();
+    let topic = unique_topic("refused-order");
+    cluster
+        .create_topic_with(&topic, 1, &[("max.message.bytes", "2000")])
+        .await
+        .unwrap();
+    let a1 = Message::new(&topic, "First", vec![1; 5000]).with_key("a");
+    let a2 = Message::new(&topic, "Second", b"2".to_vec()).with_key("a");
+    let b = Message::new(&topic, "Other", b"b".to_vec()).with_key("b");
+    // The producer writes the partition once first: Kafka accepts any first
+    // sequence number from a producer id it has no state for, so only a
+    // producer with history there gets a2 refused as out of sequence.
+    let warm_up = Message::new(&topic, "WarmUp", b"w".to_vec()).with_key("w");
+    enqueue_all(&pool, std::slice::from_ref(&warm_up)).await;
+    let relay = relay(&pool, &broker)
+        .kafka("linger.ms", "0")
+        .kafka("batch.num.messages", "1")
+        .build()
+        .unwrap()
+        .spawn();
+    drained(&pool).await;
+    enqueue_all(&pool, &[a1.clone(), a2.clone(), b.clone()]).await;
+    relay.wake();
+    let (attempts, error) = eventually("the refused row to be retried", WAIT, || async {
+        Ok(row_state(&pool, a1.id()).await.filter(|(a, _)| *a >= 3))
+    })
+    .await
+    .unwrap();
+    println!("refused row: attempts={attempts} last_error={error:?}");
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    reader.read_distinct(2, WAIT).await.unwrap();
+    let ids: Vec<Uuid> = reader.received().iter().map(|r| r.id().unwrap()).collect();
+    assert!(
+        !ids.contains(&a2.id()),
+        "a2 reached the topic ahead of the refused a1: {:?}; a1 {:?}, a2 {:?}, b {:?}",
+        reader
+            .received()
+            .iter()
+            .map(|r| (r.offset, r.id().unwrap()))
+            .collect::<Vec<_>>(),
+        a1.id(),
+        a2.id(),
+        b.id()
+    );
+    assert!(ids.contains(&b.id()), "key b was held back");
+
+    // An operator shrinks the payload; a1 then a2 follow, in order.
+    sqlx::query("UPDATE consign_outbox SET payload = 'fixed' WHERE id = $1")
+        .bind(a1.id())
+        .execute(&pool)
+        .await
+        .unwrap();
+    reader.read_distinct(4, WAIT).await.unwrap();
+    drained(&pool).await;
+    relay.shutdown().await.unwrap();
+    let mut a = Vec::new();
+    for r in reader.received() {
+        let id = r.id().unwrap();
+        if r.key.as_deref() == Some("a") && !a.contains(&id) {
+            a.push(id);
+        }
+    }
+    assert_eq!(a, vec![a1.id(), a2.id()], "key a out of order");
+}
+
 #[sqlx::test(migrator = "consign::MIGRATOR")]
 async fn row_refused_by_the_broker_keeps_its_error_while_other_rows_flow(pool: PgPool) {
     let broker = TestBroker::start().unwrap();

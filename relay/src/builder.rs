@@ -22,19 +22,28 @@ use crate::{
 /// keeps per-partition order across retries; murmur2 places keys where the
 /// Java client would; short linger and reconnect backoff keep latency low;
 /// a bounded message timeout turns long outages into visible row errors.
-pub const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
+pub const PRODUCER_DEFAULTS: [(&str, &str); 8] = [
     ("enable.idempotence", "true"),
+    // A message the broker refuses stops the producer instead of letting a
+    // later message of its partition (a later event of its key) through.
+    ("enable.gapless.guarantee", "true"),
     ("acks", "all"),
     ("partitioner", "murmur2_random"),
     ("linger.ms", "1"),
-    ("message.timeout.ms", "30000"),
+    // No expiry in librdkafka (expiry is not covered by the gapless
+    // guarantee): the relay bounds each batch's wait itself.
+    ("message.timeout.ms", "0"),
     ("reconnect.backoff.max.ms", "1000"),
     ("client.id", "consign-relay"),
 ];
 
 /// Properties that weaken the relay's guarantees when changed.
-const GUARANTEES: [(&str, &[&str]); 2] =
-    [("enable.idempotence", &["true"]), ("acks", &["all", "-1"])];
+const GUARANTEES: [(&str, &[&str]); 4] = [
+    ("enable.idempotence", &["true"]),
+    ("enable.gapless.guarantee", &["true"]),
+    ("acks", &["all", "-1"]),
+    ("message.timeout.ms", &["0"]),
+];
 
 /// A callback told the ids of messages the broker acknowledged.
 pub(crate) type PublishedHook = Arc<dyn Fn(&[Uuid]) + Send + Sync>;

@@ -1,6 +1,10 @@
 //! Producing a batch of rows to Kafka and collecting what the broker said.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
@@ -49,16 +53,31 @@ impl Outcome {
     }
 }
 
-/// The idempotent producer, recreated if librdkafka reports a fatal error.
+/// How long a batch waits for the broker's acknowledgements. librdkafka's
+/// own `message.timeout.ms` is off (0): a message that expired in the
+/// producer while a later one of its partition was still sent would leave a
+/// gap, and a later row of its key ahead of it on the topic. After this the
+/// rows still unanswered stay in the outbox, the producer is replaced (its
+/// queue purged) and the next batch sends them again, in order.
+pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The idempotent producer, recreated if librdkafka reports a fatal error or
+/// a batch went unanswered.
 pub(crate) struct Publisher {
     config: ClientConfig,
     producer: FutureProducer,
+    /// A batch ended with messages still queued or in flight.
+    unanswered: AtomicBool,
 }
 
 impl Publisher {
     pub(crate) fn new(config: ClientConfig) -> Result<Self, KafkaError> {
         let producer = config.create()?;
-        Ok(Self { config, producer })
+        Ok(Self {
+            config,
+            producer,
+            unanswered: AtomicBool::new(false),
+        })
     }
 
     /// The producer, for transaction calls.
@@ -66,9 +85,16 @@ impl Publisher {
         &self.producer
     }
 
-    /// Produces every row (in order), then waits for every acknowledgement.
-    /// If `shutdown` fires, waits at most `grace` more; rows without an
-    /// answer by then are [`Outcome::Unknown`].
+    /// Produces every row (in order), then waits for every acknowledgement,
+    /// for at most [`DELIVERY_TIMEOUT`]. If `shutdown` fires, waits at most
+    /// `grace` more; rows without an answer by then are [`Outcome::Unknown`].
+    ///
+    /// A row refused in its delivery report does not let a later row of its
+    /// key through: with `enable.gapless.guarantee` the broker's refusal stops
+    /// the producer before a later message of the partition is written (the
+    /// later ones fail as purged or fatal, which counts as unknown: they are
+    /// sent again behind the refused row, which waits for its retry), and a
+    /// row sent again after a failure goes without its key's later rows.
     pub(crate) async fn publish(
         &self,
         rows: &[&OutboxRow],
@@ -85,7 +111,15 @@ impl Publisher {
                 continue;
             }
             match self.send(row).await {
-                Ok(delivery) => pending.push(async move { (index, delivery.await) }),
+                Ok(delivery) => {
+                    pending.push(async move { (index, delivery.await) });
+                    // A row being retried goes alone: its key's later rows
+                    // wait for its acknowledgement (next batch), so a second
+                    // refusal cannot let them ahead of it.
+                    if row.attempts > 0 {
+                        held.extend(topic_key);
+                    }
+                }
                 Err(error) => {
                     outcomes[index] = Outcome::failed(&error);
                     held.extend(topic_key);
@@ -96,9 +130,15 @@ impl Publisher {
             produced = pending.len(),
             "batch produced; waiting for acknowledgements"
         );
+        // Resolves to true when the delivery timeout, not shutdown, ended it.
         let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
+            tokio::select! {
+                () = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(grace).await;
+                } => false,
+                () = tokio::time::sleep(DELIVERY_TIMEOUT) => true,
+            }
         };
         tokio::pin!(deadline);
         loop {
@@ -107,7 +147,16 @@ impl Publisher {
                     Some((index, result)) => outcomes[index] = delivery_outcome(result),
                     None => break,
                 },
-                () = &mut deadline => break,
+                timed_out = &mut deadline => {
+                    if timed_out {
+                        tracing::warn!(
+                            unanswered = pending.len(),
+                            "no acknowledgement within {DELIVERY_TIMEOUT:?}; the rows stay and are sent again"
+                        );
+                    }
+                    self.unanswered.store(true, Ordering::Relaxed);
+                    break;
+                }
             }
         }
         outcomes
@@ -135,13 +184,20 @@ impl Publisher {
     }
 
     /// Replaces the producer if librdkafka declared it unusable (e.g. the
-    /// idempotent producer lost its sequence state). Returns the reason.
-    pub(crate) fn renew_if_fatal(&mut self) -> Result<Option<String>, KafkaError> {
-        let Some((code, reason)) = self.producer.client().fatal_error() else {
-            return Ok(None);
+    /// broker refused a message and `enable.gapless.guarantee` stopped it),
+    /// or if the last batch left messages unanswered (dropping the old
+    /// producer purges them, so they cannot land after the next batch's
+    /// copies). Returns the reason.
+    pub(crate) fn renew_if_needed(&mut self) -> Result<Option<String>, KafkaError> {
+        let reason = match self.producer.client().fatal_error() {
+            Some((code, reason)) => format!("fatal error {code:?}: {reason}"),
+            None if self.unanswered.swap(false, Ordering::Relaxed) => {
+                "messages left unanswered by the last batch".to_owned()
+            }
+            None => return Ok(None),
         };
         self.producer = self.config.create()?;
-        Ok(Some(format!("{code:?}: {reason}")))
+        Ok(Some(reason))
     }
 
     /// Waits up to `timeout` for messages still queued in the producer.
@@ -152,13 +208,29 @@ impl Publisher {
     }
 }
 
-/// The producer's answer; `Err(Canceled)` means the producer went away.
+/// The producer's answer; `Err(Canceled)` means the producer went away. A
+/// message purged or failed because the producer stopped (a fatal error,
+/// e.g. the gapless guarantee after an earlier message was refused) was not
+/// refused itself: unknown, sent again.
 fn delivery_outcome<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Outcome {
     match result {
         Ok(Ok(_)) => Outcome::Delivered,
+        Ok(Err((error, _))) if stopped_producer(&error) => Outcome::Unknown,
         Ok(Err((error, _))) => Outcome::failed(&error),
         Err(_) => Outcome::Unknown,
     }
+}
+
+fn stopped_producer(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::PurgeQueue
+                | RDKafkaErrorCode::PurgeInflight
+                | RDKafkaErrorCode::GaplessGuarantee
+        )
+    )
 }
 
 /// `consign-id`, `consign-event-type`, trace context, then the user's headers.

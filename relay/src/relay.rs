@@ -323,9 +323,9 @@ impl Relay {
         };
         self.settle(&rows, &outcomes, &owned).await?;
         if let Publishers::Shared(publisher) = &mut self.publisher
-            && let Some(reason) = publisher.renew_if_fatal()?
+            && let Some(reason) = publisher.renew_if_needed()?
         {
-            error!(%reason, "Kafka producer hit a fatal error; created a new one");
+            warn!(%reason, "replaced the Kafka producer");
         }
         Ok(Some(rows.len()))
     }

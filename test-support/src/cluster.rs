@@ -491,8 +491,23 @@ impl KafkaCluster {
     /// # Errors
     /// If the broker refuses or a partition has no leader after 60 s.
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        self.create_topic_with(topic, partitions, &[]).await
+    }
+
+    /// Like [`KafkaCluster::create_topic`], with topic configuration
+    /// (`max.message.bytes`, ...).
+    ///
+    /// # Errors
+    /// If the broker refuses or a partition has no leader after 60 s.
+    pub async fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        config: &[(&str, &str)],
+    ) -> Result<()> {
         let replicas = i32::try_from(self.node_ids().len().min(3))?;
-        crate::kafka::create_topic_with_admin(&self.bootstrap, topic, partitions, replicas).await?;
+        crate::kafka::create_topic_with_admin(&self.bootstrap, topic, partitions, replicas, config)
+            .await?;
         for partition in 0..partitions {
             self.leader(topic, partition, Duration::from_secs(60))
                 .await?;

@@ -32,6 +32,7 @@ enum Command {
     BrokerUp(i32, Reply),
     TopicError(String, RDKafkaRespErr, Reply),
     RoundTrip(i32, Duration, Reply),
+    ProduceErrors(Vec<RDKafkaRespErr>, Reply),
     Stop,
 }
 
@@ -145,6 +146,15 @@ impl MockKafka {
         (1..=self.brokers).try_for_each(|id| self.call(|r| Command::RoundTrip(id, delay, r)))
     }
 
+    /// Makes the brokers answer the next Produce requests with `errors`, one
+    /// request each, in order (then normally again).
+    ///
+    /// # Errors
+    /// If the mock refuses.
+    pub fn produce_errors(&self, errors: &[RDKafkaRespErr]) -> Result<()> {
+        self.call(|r| Command::ProduceErrors(errors.to_vec(), r))
+    }
+
     /// Makes the brokers answer every request about `topic` with `error`
     /// (e.g. `TopicAuthorizationFailed`), as a broker that refuses the topic.
     ///
@@ -174,6 +184,10 @@ fn serve(
             }
             Command::RoundTrip(id, delay, reply) => {
                 done(&reply, cluster.broker_round_trip_time(id, delay));
+            }
+            Command::ProduceErrors(errors, reply) => {
+                cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &errors);
+                done(&reply, Ok(()));
             }
             Command::Stop => return,
         }
@@ -268,7 +282,9 @@ impl TestBroker {
         match self {
             Self::Mock(mock) => mock.create_topic(topic, partitions),
             Self::Kafka(cluster) => cluster.create_topic(topic, partitions).await,
-            Self::External(address) => create_topic_with_admin(address, topic, partitions, 1).await,
+            Self::External(address) => {
+                create_topic_with_admin(address, topic, partitions, 1, &[]).await
+            }
         }
     }
 }
@@ -364,6 +380,7 @@ pub(crate) async fn create_topic_with_admin(
     topic: &str,
     partitions: i32,
     replicas: i32,
+    config: &[(&str, &str)],
 ) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", address)
@@ -372,10 +389,9 @@ pub(crate) async fn create_topic_with_admin(
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(
-            &[NewTopic::new(
-                topic,
-                partitions,
-                TopicReplication::Fixed(replicas),
+            &[config.iter().fold(
+                NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas)),
+                |new, (key, value)| new.set(key, value),
             )],
             &options,
         )
