@@ -23,10 +23,19 @@ case "${1:-}" in
             exit 0
         fi
         echo "resolving Kafka $version and its dependencies into $libs"
-        rm -rf "$libs"
+        if [ -e "$libs" ] && [ -n "$(ls -A "$libs")" ]; then
+            echo "error: $libs exists, is not empty and holds no finished copy (.complete); remove it or pick another TEST_KAFKA_LIBS" >&2
+            exit 1
+        fi
+        partial="$libs.partial.$$"
+        trap 'rm -rf "$partial"' EXIT
         mvn -q -B -f "$pom" dependency:copy-dependencies \
-            -DincludeScope=runtime -DoutputDirectory="$libs"
-        touch "$libs/.complete"
+            -DincludeScope=runtime -DoutputDirectory="$partial"
+        touch "$partial/.complete"
+        mkdir -p "$(dirname "$libs")"
+        rmdir "$libs" 2>/dev/null || true
+        mv "$partial" "$libs"
+        trap - EXIT
         echo "Kafka $version: $(ls "$libs" | wc -l) jars in $libs"
         ;;
     libs)

@@ -132,16 +132,18 @@ async fn metric_until(
 
 /// Waits until `/health/ready` answers `status`; returns the body.
 async fn readiness_until(address: std::net::SocketAddr, status: u16) -> serde_json::Value {
+    let last = std::sync::Mutex::new(String::new());
     eventually(
         &format!("/health/ready to answer {status}"),
         WAIT,
         || async {
             let (got, body) = http_get(address, "/health/ready").await?;
+            last.lock().unwrap().clone_from(&body);
             Ok((got == status).then(|| serde_json::from_str(&body).unwrap()))
         },
     )
     .await
-    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}; last answer: {}", last.lock().unwrap()))
 }
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]
@@ -156,7 +158,7 @@ async fn metrics_move_with_events_and_readiness_follows_postgres_and_kafka(pool:
     // The relay reaches PostgreSQL through a proxy the test can cut.
     let (proxy, url) = TcpProxy::for_database(&pool).await.unwrap();
     let config = relay_config(&url, broker.bootstrap(), &[], &[])
-        + "\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\nsample-interval = \"200ms\"\n";
+        + "\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\nsample-interval = \"1s\"\n";
     let mut relay = RelayProcess::start(&config).unwrap();
     let admin = admin_address(&relay).await;
     let ready = readiness_until(admin, 200).await;

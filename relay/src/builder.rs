@@ -19,30 +19,29 @@ use crate::{
 /// Producer properties consign sets unless the user overrides them.
 ///
 /// Idempotence (which implies `acks=all` and bounded in-flight requests)
-/// keeps per-partition order across retries; murmur2 places keys where the
-/// Java client would; short linger and reconnect backoff keep latency low;
-/// a bounded message timeout turns long outages into visible row errors.
+/// keeps per-partition order across retries; the gapless guarantee stops the
+/// producer when the broker refuses a message, instead of letting a later
+/// message of its partition (a later event of its key) through (it is left
+/// out when the user turns idempotence off, which it requires); murmur2
+/// places keys where the Java client would; short linger and reconnect
+/// backoff keep latency low; a bounded message timeout turns long outages
+/// into visible row errors.
 pub const PRODUCER_DEFAULTS: [(&str, &str); 8] = [
     ("enable.idempotence", "true"),
-    // A message the broker refuses stops the producer instead of letting a
-    // later message of its partition (a later event of its key) through.
     ("enable.gapless.guarantee", "true"),
     ("acks", "all"),
     ("partitioner", "murmur2_random"),
     ("linger.ms", "1"),
-    // No expiry in librdkafka (expiry is not covered by the gapless
-    // guarantee): the relay bounds each batch's wait itself.
-    ("message.timeout.ms", "0"),
+    ("message.timeout.ms", "30000"),
     ("reconnect.backoff.max.ms", "1000"),
     ("client.id", "consign-relay"),
 ];
 
 /// Properties that weaken the relay's guarantees when changed.
-const GUARANTEES: [(&str, &[&str]); 4] = [
+const GUARANTEES: [(&str, &[&str]); 3] = [
     ("enable.idempotence", &["true"]),
     ("enable.gapless.guarantee", &["true"]),
     ("acks", &["all", "-1"]),
-    ("message.timeout.ms", &["0"]),
 ];
 
 /// A callback told the ids of messages the broker acknowledged.
@@ -186,7 +185,12 @@ impl RelayBuilder {
         .validate()?;
         let config = producer_config(&self.kafka)?;
         let mut health_client = config.clone();
-        health_client.set("client.id", "consign-relay-health");
+        // It only asks for metadata: no idempotent producer state to keep
+        // (an idempotent producer re-acquires a producer id after an outage).
+        health_client
+            .set("client.id", "consign-relay-health")
+            .set("enable.idempotence", "false")
+            .set("enable.gapless.guarantee", "false");
         let publisher = if self.settings.transactions {
             // Check the properties now; the producers (one per leased
             // partition) are created when the partitions are acquired.
@@ -238,8 +242,13 @@ fn producer_config(user: &BTreeMap<String, String>) -> Result<ClientConfig> {
         }
     }
     let mut config = ClientConfig::new();
+    let idempotence_off = user.get("enable.idempotence").is_some_and(|v| v != "true");
     for (key, value) in PRODUCER_DEFAULTS {
-        config.set(key, value);
+        // librdkafka refuses to create a producer with the gapless
+        // guarantee but without idempotence.
+        if !(idempotence_off && key == "enable.gapless.guarantee") {
+            config.set(key, value);
+        }
     }
     for (key, value) in user {
         config.set(key, value);

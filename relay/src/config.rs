@@ -672,7 +672,9 @@ impl Config {
                     .split("__")
                     .map(|key| env_key(key.as_str()).into()),
             );
-        let kafka = kafka_from_env(std::env::vars());
+        let kafka = kafka_from_env(std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        }));
         Ok(if kafka.is_empty() {
             figment
         } else {
@@ -795,7 +797,10 @@ fn is_kafka_env(key: &str) -> bool {
 /// `bootstrap.servers`. Values stay strings, as librdkafka takes them.
 fn kafka_from_env(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<String, String> {
     vars.filter_map(|(name, value)| {
-        let key = name.strip_prefix("CONSIGN_")?;
+        let key = name
+            .get(..8)
+            .filter(|head| head.eq_ignore_ascii_case("CONSIGN_"))
+            .and_then(|_| name.get(8..))?;
         is_kafka_env(key).then(|| {
             let property = &key[KAFKA_ENV.len()..];
             (property.to_ascii_lowercase().replace('_', "."), value)

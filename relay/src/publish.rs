@@ -1,10 +1,6 @@
 //! Producing a batch of rows to Kafka and collecting what the broker said.
 
-use std::{
-    collections::HashSet,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
@@ -53,31 +49,16 @@ impl Outcome {
     }
 }
 
-/// How long a batch waits for the broker's acknowledgements. librdkafka's
-/// own `message.timeout.ms` is off (0): a message that expired in the
-/// producer while a later one of its partition was still sent would leave a
-/// gap, and a later row of its key ahead of it on the topic. After this the
-/// rows still unanswered stay in the outbox, the producer is replaced (its
-/// queue purged) and the next batch sends them again, in order.
-pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The idempotent producer, recreated if librdkafka reports a fatal error or
-/// a batch went unanswered.
+/// The idempotent producer, recreated if librdkafka reports a fatal error.
 pub(crate) struct Publisher {
     config: ClientConfig,
     producer: FutureProducer,
-    /// A batch ended with messages still queued or in flight.
-    unanswered: AtomicBool,
 }
 
 impl Publisher {
     pub(crate) fn new(config: ClientConfig) -> Result<Self, KafkaError> {
         let producer = config.create()?;
-        Ok(Self {
-            config,
-            producer,
-            unanswered: AtomicBool::new(false),
-        })
+        Ok(Self { config, producer })
     }
 
     /// The producer, for transaction calls.
@@ -85,9 +66,9 @@ impl Publisher {
         &self.producer
     }
 
-    /// Produces every row (in order), then waits for every acknowledgement,
-    /// for at most [`DELIVERY_TIMEOUT`]. If `shutdown` fires, waits at most
-    /// `grace` more; rows without an answer by then are [`Outcome::Unknown`].
+    /// Produces every row (in order), then waits for every acknowledgement.
+    /// If `shutdown` fires, waits at most `grace` more; rows without an
+    /// answer by then are [`Outcome::Unknown`].
     ///
     /// A row refused in its delivery report does not let a later row of its
     /// key through: with `enable.gapless.guarantee` the broker's refusal stops
@@ -121,7 +102,13 @@ impl Publisher {
                     }
                 }
                 Err(error) => {
-                    outcomes[index] = Outcome::failed(&error);
+                    // A producer already stopped by another row's refusal
+                    // refuses every later send: not this row's fault.
+                    outcomes[index] = if stopped_producer(&error) {
+                        Outcome::Unknown
+                    } else {
+                        Outcome::failed(&error)
+                    };
                     held.extend(topic_key);
                 }
             }
@@ -130,15 +117,9 @@ impl Publisher {
             produced = pending.len(),
             "batch produced; waiting for acknowledgements"
         );
-        // Resolves to true when the delivery timeout, not shutdown, ended it.
         let deadline = async {
-            tokio::select! {
-                () = async {
-                    shutdown.cancelled().await;
-                    tokio::time::sleep(grace).await;
-                } => false,
-                () = tokio::time::sleep(DELIVERY_TIMEOUT) => true,
-            }
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
         };
         tokio::pin!(deadline);
         loop {
@@ -147,16 +128,7 @@ impl Publisher {
                     Some((index, result)) => outcomes[index] = delivery_outcome(result),
                     None => break,
                 },
-                timed_out = &mut deadline => {
-                    if timed_out {
-                        tracing::warn!(
-                            unanswered = pending.len(),
-                            "no acknowledgement within {DELIVERY_TIMEOUT:?}; the rows stay and are sent again"
-                        );
-                    }
-                    self.unanswered.store(true, Ordering::Relaxed);
-                    break;
-                }
+                () = &mut deadline => break,
             }
         }
         outcomes
@@ -184,20 +156,14 @@ impl Publisher {
     }
 
     /// Replaces the producer if librdkafka declared it unusable (e.g. the
-    /// broker refused a message and `enable.gapless.guarantee` stopped it),
-    /// or if the last batch left messages unanswered (dropping the old
-    /// producer purges them, so they cannot land after the next batch's
-    /// copies). Returns the reason.
-    pub(crate) fn renew_if_needed(&mut self) -> Result<Option<String>, KafkaError> {
-        let reason = match self.producer.client().fatal_error() {
-            Some((code, reason)) => format!("fatal error {code:?}: {reason}"),
-            None if self.unanswered.swap(false, Ordering::Relaxed) => {
-                "messages left unanswered by the last batch".to_owned()
-            }
-            None => return Ok(None),
+    /// broker refused a message and `enable.gapless.guarantee` stopped it).
+    /// Returns the reason.
+    pub(crate) fn renew_if_fatal(&mut self) -> Result<Option<String>, KafkaError> {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return Ok(None);
         };
         self.producer = self.config.create()?;
-        Ok(Some(reason))
+        Ok(Some(format!("{code:?}: {reason}")))
     }
 
     /// Waits up to `timeout` for messages still queued in the producer.
@@ -210,8 +176,9 @@ impl Publisher {
 
 /// The producer's answer; `Err(Canceled)` means the producer went away. A
 /// message purged or failed because the producer stopped (a fatal error,
-/// e.g. the gapless guarantee after an earlier message was refused) was not
-/// refused itself: unknown, sent again.
+/// e.g. the gapless guarantee after an earlier message was refused, or out
+/// of sequence behind that message) was not refused itself: unknown, sent
+/// again.
 fn delivery_outcome<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Outcome {
     match result {
         Ok(Ok(_)) => Outcome::Delivered,
@@ -229,6 +196,7 @@ fn stopped_producer(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::PurgeQueue
                 | RDKafkaErrorCode::PurgeInflight
                 | RDKafkaErrorCode::GaplessGuarantee
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
         )
     )
 }

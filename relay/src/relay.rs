@@ -323,9 +323,16 @@ impl Relay {
         };
         self.settle(&rows, &outcomes, &owned).await?;
         if let Publishers::Shared(publisher) = &mut self.publisher
-            && let Some(reason) = publisher.renew_if_needed()?
+            && let Some(reason) = publisher.renew_if_fatal()?
         {
-            warn!(%reason, "replaced the Kafka producer");
+            error!(%reason, "Kafka producer hit a fatal error; created a new one");
+            if !outcomes.iter().any(|o| matches!(o, Outcome::Failed { .. })) {
+                // No row of ours caused it (e.g. the cluster refuses
+                // idempotence): back off like an outage, not a tight loop.
+                return Err(Error::Kafka(rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::Fatal,
+                )));
+            }
         }
         Ok(Some(rows.len()))
     }

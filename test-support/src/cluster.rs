@@ -181,7 +181,7 @@ log.segment.bytes=67108864
             .spawn()
             .context("starting a Kafka node (sh + java)")?;
         let stdin = child.stdin.take().context("wrapper stdin")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let pid = loop {
             if let Ok(text) = std::fs::read_to_string(self.dir.join("pid"))
                 && let Ok(pid) = text.trim().parse::<i32>()
@@ -561,8 +561,8 @@ impl KafkaCluster {
         let hash = group.encode_utf16().fold(0_i32, |h, unit| {
             h.wrapping_mul(31).wrapping_add(i32::from(unit))
         });
-        // Kafka's Utils.abs maps i32::MIN to 0 (it masks the sign bit).
-        let partition = (hash & 0x7fff_ffff) % OFFSETS_PARTITIONS;
+        // Kafka's Utils.abs: |n|, and 0 for i32::MIN.
+        let partition = hash.checked_abs().unwrap_or(0) % OFFSETS_PARTITIONS;
         self.leader("__consumer_offsets", partition, Duration::from_secs(60))
             .await
     }

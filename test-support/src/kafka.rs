@@ -294,13 +294,13 @@ impl TestBroker {
 /// they are not.
 ///
 /// # Errors
-/// Under CI (`CI=true`), where the tier is mandatory, when they are missing.
+/// Under CI (`CI=true`) or `TEST_KAFKA_REQUIRED=1`, where the tier is
+/// mandatory, when they are missing.
 pub fn real_kafka_tier() -> Result<bool> {
     match crate::cluster::kafka_libs() {
         Ok(_) => Ok(true),
-        Err(missing) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
-            Err(missing.context("the real-Kafka tier is mandatory under CI=true"))
-        }
+        Err(missing) if real_kafka_required() => Err(missing
+            .context("the real-Kafka tier is mandatory here (CI=true or TEST_KAFKA_REQUIRED=1)")),
         Err(missing) => {
             println!(
                 "skipped on real Kafka: {missing:#}. Run scripts/services.sh kafka to enable the tier."
@@ -308,6 +308,14 @@ pub fn real_kafka_tier() -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// Under CI (`CI=true`) or the test command (`TEST_KAFKA_REQUIRED=1`), a
+/// missing real-Kafka tier is an error, not a skip.
+fn real_kafka_required() -> bool {
+    ["CI", "TEST_KAFKA_REQUIRED"]
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|v| v == "true" || v == "1"))
 }
 
 /// What a broker does with transactions.
