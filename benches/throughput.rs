@@ -418,15 +418,7 @@ async fn scale_out(pool: &PgPool, broker: &TestBroker) -> Result<()> {
                         .map(Relay::spawn)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            loop {
-                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
-                    .fetch_one(pool)
-                    .await?;
-                if left == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_empty(pool, Duration::from_millis(20)).await?;
             let elapsed = started.elapsed();
             let batches: u64 = handles.iter().map(|h| h.stats().batches).sum();
             for handle in handles {
@@ -470,15 +462,7 @@ async fn relay_process(pool: &PgPool, kind: Kind, broker: &TestBroker) -> Result
     );
     let started = Instant::now();
     let mut relay = RelayProcess::start(&config)?;
-    loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
-            .fetch_one(pool)
-            .await?;
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_empty(pool, Duration::from_millis(50)).await?;
     let elapsed = started.elapsed();
     let peak = peak_rss_kib(relay.id())?;
     relay.stop(Duration::from_secs(30)).await?;
@@ -493,6 +477,19 @@ async fn relay_process(pool: &PgPool, kind: Kind, broker: &TestBroker) -> Result
         peak as f64 / 1024.0
     );
     Ok(())
+}
+
+/// Polls the outbox every `every` until it is empty.
+async fn wait_empty(pool: &PgPool, every: Duration) -> Result<()> {
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_outbox")
+            .fetch_one(pool)
+            .await?;
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Peak resident set size of process `pid` in KiB (`VmHWM`).
