@@ -5,7 +5,10 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use consign::{Message, Outbox, Relay, relay::RelayHandle};
+use consign::{
+    Message, Outbox, Relay,
+    relay::{RelayHandle, RelaySettings},
+};
 use consign_test_support::{
     TestBroker, TopicReader, broker_test, db, eventually, fast_relay_settings, unique_topic,
 };
@@ -282,6 +285,22 @@ async fn row_state(pool: &PgPool, id: Uuid) -> Option<(i32, Option<String>)> {
 /// accept a2 after refusing a1 whatever the producer does.
 #[sqlx::test(migrator = "consign::MIGRATOR")]
 async fn row_refused_in_its_delivery_report_is_not_overtaken_by_its_key(pool: PgPool) {
+    refused_row_is_not_overtaken_by_its_key(&pool, false).await;
+}
+
+/// The same in transactions mode (a `read_committed` reader). Once a1 is
+/// fixed it is sent alone while a2 is held back: that transaction commits
+/// (before the fix it aborted because a2 was not sent, every batch, for
+/// ever, and the outbox never drained).
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn row_refused_in_its_delivery_report_is_not_overtaken_by_its_key_in_transactions(
+    pool: PgPool,
+) {
+    refused_row_is_not_overtaken_by_its_key(&pool, true).await;
+}
+
+async fn refused_row_is_not_overtaken_by_its_key(pool: &PgPool, transactions: bool) {
+    let pool = pool.clone();
     let Some(broker) = TestBroker::real().unwrap() else {
         return;
     };
@@ -302,6 +321,10 @@ async fn row_refused_in_its_delivery_report_is_not_overtaken_by_its_key(pool: Pg
     let relay = relay(&pool, &broker)
         .kafka("linger.ms", "0")
         .kafka("batch.num.messages", "1")
+        .settings(RelaySettings {
+            transactions,
+            ..fast_relay_settings()
+        })
         .build()
         .unwrap()
         .spawn();

@@ -3,7 +3,7 @@
 //!
 //! | path | 200 when | 503 when |
 //! |---|---|---|
-//! | `/health/live` | the publishing loop turned within [`LIVENESS_LIMIT`] | it is stuck |
+//! | `/health/live` | the publishing loop turned within [`LIVENESS_LIMIT`] and no partition has been stalled that long while Kafka answers | either; the body lists stalled partitions with their errors |
 //! | `/health/ready` | PostgreSQL and Kafka answered their last check | either did not |
 //! | `/health` | live and ready | otherwise |
 //!
@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Health, Readiness};
+use crate::{Health, Liveness, Readiness};
 
 #[derive(Clone)]
 struct Shared {
@@ -74,14 +74,9 @@ fn status(ok: bool) -> StatusCode {
     }
 }
 
-#[derive(Serialize)]
-struct Live {
-    live: bool,
-}
-
 async fn live(State(shared): State<Shared>) -> impl IntoResponse {
-    let live = shared.health.live();
-    (status(live), Json(Live { live }))
+    let liveness = shared.health.liveness();
+    (status(liveness.live), Json(liveness))
 }
 
 async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
@@ -91,16 +86,20 @@ async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
 
 #[derive(Serialize)]
 struct Overall {
-    live: bool,
+    #[serde(flatten)]
+    liveness: Liveness,
     #[serde(flatten)]
     readiness: Readiness,
 }
 
 async fn overall(State(shared): State<Shared>) -> impl IntoResponse {
-    let live = shared.health.live();
+    let liveness = shared.health.liveness();
     let readiness = shared.health.readiness();
     (
-        status(live && readiness.ready),
-        Json(Overall { live, readiness }),
+        status(liveness.live && readiness.ready),
+        Json(Overall {
+            liveness,
+            readiness,
+        }),
     )
 }

@@ -191,6 +191,7 @@ impl RelayBuilder {
             .set("client.id", "consign-relay-health")
             .set("enable.idempotence", "false")
             .set("enable.gapless.guarantee", "false");
+        let health = Health::default();
         let publisher = if self.settings.transactions {
             // Check the properties now; the producers (one per leased
             // partition) are created when the partitions are acquired.
@@ -200,6 +201,7 @@ impl RelayBuilder {
             Publishers::PerPartition(Transactional::new(
                 config,
                 self.settings.transactional_id_prefix.clone(),
+                health.clone(),
             ))
         } else {
             Publishers::Shared(Publisher::new(config).map_err(kafka_config_error)?)
@@ -208,7 +210,7 @@ impl RelayBuilder {
             pool: self.pool.clone(),
             kafka: health_client,
             interval: self.sample_interval,
-            health: Health::default(),
+            health,
             archive: self.settings.archive,
             archive_upkept: None,
         };

@@ -71,7 +71,7 @@ pub use builder::{PRODUCER_DEFAULTS, RelayBuilder, check_kafka_config};
 pub use config::{Config, Profile, RelaySettings};
 pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};
-pub use health::{Check, Health, Readiness};
+pub use health::{Check, Health, Liveness, Readiness, Stall};
 pub use publish::{HEADER_EVENT_TYPE, HEADER_ID};
 pub use relay::Relay;
 pub use status::{Status, status};

@@ -41,6 +41,10 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    fn is_failed(&self) -> bool {
+        matches!(self, Self::Failed { .. })
+    }
+
     fn failed(error: &KafkaError) -> Self {
         Self::Failed {
             kind: crate::metrics::error_kind(error),
@@ -53,12 +57,19 @@ impl Outcome {
 pub(crate) struct Publisher {
     config: ClientConfig,
     producer: FutureProducer,
+    /// It has a `transactional.id`: one failure dooms the whole batch.
+    transactional: bool,
 }
 
 impl Publisher {
     pub(crate) fn new(config: ClientConfig) -> Result<Self, KafkaError> {
         let producer = config.create()?;
-        Ok(Self { config, producer })
+        let transactional = config.get("transactional.id").is_some();
+        Ok(Self {
+            config,
+            producer,
+            transactional,
+        })
     }
 
     /// The producer, for transaction calls.
@@ -76,6 +87,12 @@ impl Publisher {
     /// later ones fail as purged or fatal, which counts as unknown: they are
     /// sent again behind the refused row, which waits for its retry), and a
     /// row sent again after a failure goes without its key's later rows.
+    ///
+    /// A transactional publisher stops at the first failure: the transaction
+    /// must be aborted, and librdkafka holds its other messages until they
+    /// expire (`message.timeout.ms`), so waiting for them would only delay
+    /// the abort, which purges them. Rows not yet sent or answered are
+    /// [`Outcome::Unknown`].
     pub(crate) async fn publish(
         &self,
         rows: &[&OutboxRow],
@@ -86,6 +103,9 @@ impl Publisher {
         let mut held: HashSet<(&str, &str)> = HashSet::new();
         let mut pending = FuturesUnordered::new();
         for (index, row) in rows.iter().enumerate() {
+            if self.transactional && outcomes.iter().any(Outcome::is_failed) {
+                break;
+            }
             let topic_key = row.key.as_deref().map(|key| (row.topic.as_str(), key));
             if topic_key.is_some_and(|tk| held.contains(&tk)) {
                 outcomes[index] = Outcome::Held;
@@ -125,7 +145,12 @@ impl Publisher {
         loop {
             tokio::select! {
                 next = pending.next() => match next {
-                    Some((index, result)) => outcomes[index] = delivery_outcome(result),
+                    Some((index, result)) => {
+                        outcomes[index] = delivery_outcome(result);
+                        if self.transactional && outcomes[index].is_failed() {
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 () = &mut deadline => break,

@@ -304,7 +304,11 @@ impl Relay {
             store::fetch(&mut conn, &partitions, limit).await?
         };
         tracing::Span::current().record("fetched", rows.len());
+        let drained = rows.len() < self.batch_limit();
         if rows.is_empty() {
+            if let Publishers::PerPartition(transactional) = &self.publisher {
+                transactional.nothing_to_do(owned.keys());
+            }
             return Ok(Some(0));
         }
         metrics::histogram!(crate::metrics::BATCH_ROWS)
@@ -316,7 +320,9 @@ impl Relay {
                 publisher.publish(&refs, shutdown, grace).await
             }
             Publishers::PerPartition(transactional) => {
-                let (outcomes, fenced) = transactional.publish(&rows, shutdown, grace).await;
+                let (outcomes, fenced) = transactional
+                    .publish(&rows, &owned, drained, shutdown, grace)
+                    .await;
                 self.ownership.forget(&fenced);
                 outcomes
             }
