@@ -74,7 +74,13 @@ impl BatchOutcome {
 /// The inner service gets a [`Delivery`] and may return any response; its
 /// error must convert into a [`BoxError`]. Errors it returns, panics, and
 /// tower errors such as a timeout's are handler failures: retried per the
-/// [`RetryPolicy`](crate::RetryPolicy), then dead-lettered.
+/// [`RetryPolicy`](crate::RetryPolicy), then dead-lettered. So is a
+/// transaction the database refuses to commit after the handler returned
+/// `Ok` because of what the handler did in it (a deferred constraint it
+/// broke, an SQL error it swallowed, a serialization failure); the
+/// dead letter carries the database's error. Failures of the database
+/// itself (connection lost) are [`InboxError`]s: nothing was committed and
+/// the message can be offered again.
 #[derive(Debug)]
 pub struct InboxService<S> {
     shared: Arc<Shared>,
@@ -263,6 +269,29 @@ async fn rollback(tx: Transaction<'static, Postgres>) {
     }
 }
 
+/// The reason to give when the transaction of handlers that all returned
+/// `Ok` could not be settled because of what they did in it: a deferred
+/// constraint they broke, an SQL error they swallowed (PostgreSQL then
+/// refuses every statement until rollback), a serialization failure or
+/// deadlock. `None` when the database itself failed (connection lost,
+/// shutdown, out of resources): that is the inbox's error, and nothing of
+/// the message is at fault.
+fn refused_by_the_database(error: &InboxError) -> Option<String> {
+    let InboxError::Database(sqlx::Error::Database(database)) = error else {
+        return None;
+    };
+    let code = database.code()?;
+    let caused_by_the_writes = matches!(&code[..2], "22" | "23" | "P0")
+        || matches!(&*code, "25P02" | "40001" | "40002" | "40P01");
+    caused_by_the_writes.then(|| {
+        format!(
+            "the handler returned Ok but its transaction could not be committed: \
+             {} (SQLSTATE {code})",
+            database.message()
+        )
+    })
+}
+
 /// A batch: one transaction while every handler succeeds; after a failure,
 /// the batch is redone one message per transaction.
 async fn process_batch<S>(
@@ -276,7 +305,7 @@ where
 {
     let messages: Vec<Arc<Received>> = batch.into_iter().map(Arc::new).collect();
     let ids: Vec<Result<Uuid, String>> = messages.iter().map(|m| resolve_id(shared, m)).collect();
-    let (index, first_failure) = match whole_batch(shared, inner, &messages, &ids).await? {
+    let mut first_failure = match whole_batch(shared, inner, &messages, &ids).await? {
         Ok(outcome) => return Ok(outcome),
         Err(failed) => failed,
     };
@@ -284,13 +313,10 @@ where
         failed_attempts: 1,
         ..BatchOutcome::default()
     };
-    let mut first_failure = Some(first_failure);
     for (i, (message, id)) in messages.iter().zip(&ids).enumerate() {
-        let prior = if i == index {
-            first_failure.take()
-        } else {
-            None
-        };
+        let prior = first_failure
+            .take_if(|(index, _)| *index == i)
+            .map(|(_, failure)| failure);
         let (one, failed) = process_one(shared, inner, message, id, prior).await?;
         outcome.add(&one, failed);
     }
@@ -298,14 +324,16 @@ where
 }
 
 /// Handles `messages` in one transaction. Returns the outcome when it
-/// committed, or the index and failure of the first handler that failed
-/// (everything rolled back).
+/// committed, or (everything rolled back) the index and failure of the
+/// first handler that failed, or `None` when every handler succeeded but
+/// the database refused their transaction (no message is known to be at
+/// fault).
 async fn whole_batch<S>(
     shared: &Shared,
     inner: &mut S,
     messages: &[Arc<Received>],
     ids: &[Result<Uuid, String>],
-) -> Result<Result<BatchOutcome, (usize, Failure)>, InboxError>
+) -> Result<Result<BatchOutcome, Option<(usize, Failure)>>, InboxError>
 where
     S: Service<Delivery>,
     S::Error: Into<BoxError>,
@@ -356,19 +384,48 @@ where
                         reason,
                         poison,
                     };
-                    return Ok(Err((index, failure)));
+                    return Ok(Err(Some((index, failure))));
                 }
             },
         }
     }
-    for (message, reason) in without_id {
-        dead_letter(shared, &mut tx, None, message, reason, 0).await?;
+    for (_, reason) in &without_id {
         outcome.add(
             &Outcome::DeadLettered {
-                reason: reason.clone(),
+                reason: (*reason).clone(),
             },
             0,
         );
+    }
+    match settle_batch(shared, tx, messages, without_id).await {
+        Ok(()) => {
+            count(shared, &outcome);
+            Ok(Ok(outcome))
+        }
+        Err(error) => {
+            let Some(reason) = refused_by_the_database(&error) else {
+                return Err(error);
+            };
+            shared.count(Counted::FailedAttempt, 1);
+            tracing::warn!(
+                consumer = %shared.consumer, messages = messages.len(), %reason,
+                "batch refused at commit; redoing it one message at a time"
+            );
+            Ok(Err(None))
+        }
+    }
+}
+
+/// Dead-letters the batch's messages without id, records the next offset
+/// of each partition and commits.
+async fn settle_batch(
+    shared: &Shared,
+    mut tx: Transaction<'static, Postgres>,
+    messages: &[Arc<Received>],
+    without_id: Vec<(&Arc<Received>, &String)>,
+) -> Result<(), InboxError> {
+    for (message, reason) in without_id {
+        dead_letter(shared, &mut tx, None, message, reason, 0).await?;
     }
     let mut next_offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for message in messages {
@@ -381,8 +438,7 @@ where
         store::record_offset(&mut tx, &shared.consumer, topic, partition, next).await?;
     }
     tx.commit().await?;
-    count(shared, &outcome);
-    Ok(Ok(outcome))
+    Ok(())
 }
 
 fn count(shared: &Shared, outcome: &BatchOutcome) {
@@ -435,30 +491,36 @@ where
             shared.count(Counted::Duplicate, 1);
             return Ok((Outcome::Duplicate, failed));
         }
-        match attempt(shared, inner, message, id, attempts + 1, tx).await? {
-            Attempt::Succeeded(tx) => {
-                finish(shared, tx, message).await?;
-                shared.count(Counted::Handled, 1);
-                return Ok((Outcome::Handled, failed));
-            }
+        let (reason, poison) = match attempt(shared, inner, message, id, attempts + 1, tx).await? {
+            Attempt::Succeeded(tx) => match finish(shared, tx, message).await {
+                Ok(()) => {
+                    shared.count(Counted::Handled, 1);
+                    return Ok((Outcome::Handled, failed));
+                }
+                Err(error) => match refused_by_the_database(&error) {
+                    Some(reason) => (reason, false),
+                    None => return Err(error),
+                },
+            },
             Attempt::Failed { tx, reason, poison } => {
                 if let Some(tx) = tx {
                     rollback(tx).await;
                 }
-                failed += 1;
-                shared.count(Counted::FailedAttempt, 1);
-                tracing::warn!(
-                    consumer = %shared.consumer, topic = %message.topic,
-                    partition = message.partition, offset = message.offset,
-                    attempt = attempts + 1, %reason, poison, "handler failed"
-                );
-                failure = Some(Failure {
-                    attempts: attempts + 1,
-                    reason,
-                    poison,
-                });
+                (reason, poison)
             }
-        }
+        };
+        failed += 1;
+        shared.count(Counted::FailedAttempt, 1);
+        tracing::warn!(
+            consumer = %shared.consumer, topic = %message.topic,
+            partition = message.partition, offset = message.offset,
+            attempt = attempts + 1, %reason, poison, "handler failed"
+        );
+        failure = Some(Failure {
+            attempts: attempts + 1,
+            reason,
+            poison,
+        });
     }
 }
 
