@@ -435,3 +435,81 @@ async fn fatal_consumer_errors_end_run_with_the_error(pool: PgPool) {
     println!("refused session timeout: {error}");
     assert!(error.to_string().contains("session.timeout.ms"), "{error}");
 }
+
+/// Issue 13 item 7: stored offsets that cannot be read at assignment (the
+/// database unreachable) hold the partitions until the database answers,
+/// instead of starting from Kafka's committed offset or `earliest`. Here
+/// the dedup records are gone (retention) and Kafka has forgotten the
+/// group's offsets, so starting anywhere but the stored offsets would
+/// re-apply every effect. Real Kafka only (deleting a group's offsets).
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn stored_offsets_unreadable_at_assignment_hold_the_partitions_until_the_database_answers(
+    pool: PgPool,
+) {
+    use consign_test_support::net::TcpProxy;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let Some(broker) = TestBroker::real().unwrap() else {
+        return;
+    };
+    let topic = setup(&pool, &broker, 2).await;
+    let group = unique_topic("fail-closed");
+    produce(broker.bootstrap(), &topic, &TestMessage::stream(4, 10))
+        .await
+        .unwrap();
+    let inbox = InboxLayer::new(pool.clone(), group.clone());
+    let service = ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(effects::record);
+    let first = Running::start(&inbox, service, broker.bootstrap(), &topic);
+    wait_for_effects(&pool, 40).await;
+    first.stop().await;
+
+    // Retention removed the dedup records; Kafka forgot the group.
+    sqlx::query("DELETE FROM consign_inbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let deleted = admin
+        .delete_groups(&[group.as_str()], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+
+    // The next member reaches the database through a proxy that is cut
+    // while it is assigned the partitions, for longer than the old code's
+    // five retries (about 6 s).
+    let (proxy, url) = TcpProxy::for_database(&pool).await.unwrap();
+    proxy.cut();
+    let through = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy(&url)
+        .unwrap();
+    let inbox = InboxLayer::new(through, group.clone());
+    let service = ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(effects::record);
+    let second = Running::start(&inbox, service, broker.bootstrap(), &topic);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    proxy.restore();
+    let later: Vec<TestMessage> = (10..20).map(|key| TestMessage::step(key, 0)).collect();
+    produce(broker.bootstrap(), &topic, &later).await.unwrap();
+    wait_for_effects(&pool, 50).await;
+    // Anything re-applied from the start would arrive with or before the
+    // later messages; give stragglers a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.stop().await;
+    let t = tally(&pool).await.unwrap();
+    println!("after the database came back: {t:?}, {:?}", inbox.stats());
+    assert_eq!(
+        t.effects, 50,
+        "effects re-applied after starting from the wrong offset: {t:?}"
+    );
+    assert_eq!(t.distinct, 50);
+}

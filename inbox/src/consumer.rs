@@ -225,6 +225,7 @@ struct Ctx {
     topics: Vec<String>,
     handle: Handle,
     shutdown_timeout: Duration,
+    shutdown: CancellationToken,
     state: Mutex<State>,
 }
 
@@ -236,33 +237,50 @@ impl Ctx {
     /// Sets each partition of `tpl` to the offset stored in the database.
     /// Partitions without a stored offset keep Kafka's committed offset
     /// (or `auto.offset.reset`).
-    fn position_at_stored_offsets(&self, tpl: &mut TopicPartitionList) {
+    ///
+    /// Waits, retrying with backoff, until the database answers: starting
+    /// anywhere else could re-apply effects whose dedup records retention
+    /// has removed (Kafka's committed offset may be missing or behind).
+    /// Polling stops meanwhile; the workers of other partitions go on.
+    /// Returns `false` when shutdown came first (nothing positioned).
+    fn position_at_stored_offsets(&self, tpl: &mut TopicPartitionList) -> bool {
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(5)
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
             .build();
+        let mut failures = 0_u32;
         let stored = loop {
             match self
                 .handle
                 .block_on(store::stored_offsets(&self.pool, &self.group, &self.topics))
             {
                 Ok(stored) => break stored,
-                Err(error) => match delays.next() {
-                    Some(delay) => {
-                        tracing::warn!(%error, "cannot read stored offsets; retrying");
-                        std::thread::sleep(delay);
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(
+                        %error, failures,
+                        "cannot read stored offsets; the assigned partitions wait until the database answers"
+                    );
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    let stopped = self.handle.block_on(async {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => false,
+                            () = self.shutdown.cancelled() => true,
+                        }
+                    });
+                    if stopped {
+                        return false;
                     }
-                    None => {
-                        // Kafka's committed offsets are never ahead of the
-                        // database's, so this only causes redeliveries,
-                        // which the inbox skips.
-                        tracing::error!(%error, "cannot read stored offsets; starting from Kafka's committed offsets");
-                        return;
-                    }
-                },
+                }
             }
         };
+        if failures > 0 {
+            tracing::info!(
+                failures,
+                "stored offsets read; the assigned partitions start"
+            );
+        }
         let stored: HashMap<(&str, i32), i64> = stored
             .iter()
             .map(|(t, p, o)| ((t.as_str(), *p), *o))
@@ -285,6 +303,7 @@ impl Ctx {
                 tracing::info!(topic, partition, "assigned; no stored offset");
             }
         }
+        true
     }
 
     /// Stops the workers of `partitions`: each finishes its batch in flight
@@ -358,19 +377,24 @@ impl ConsumerContext for Ctx {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.position_at_stored_offsets(tpl);
+                let positioned = self.position_at_stored_offsets(tpl);
                 self.state().assigned.extend(tp_list(tpl));
                 let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
                 };
-                // librdkafka keeps a partition's pause across a revocation:
-                // one paused for backpressure (its queue full), revoked and
-                // assigned back to this member would stay paused for good.
-                // Its waiting messages went with the revocation; start it
-                // afresh.
-                assigned.and_then(|()| consumer.resume(tpl))
+                if positioned {
+                    // librdkafka keeps a partition's pause across a
+                    // revocation: one paused for backpressure (its queue
+                    // full), revoked and assigned back to this member would
+                    // stay paused for good. Its waiting messages went with
+                    // the revocation; start it afresh.
+                    assigned.and_then(|()| consumer.resume(tpl))
+                } else {
+                    // Shutting down: consume nothing from an unknown position.
+                    assigned.and_then(|()| consumer.pause(tpl))
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked = tp_list(tpl);
@@ -424,6 +448,7 @@ where
         topics: settings.topics.clone(),
         handle: handle.clone(),
         shutdown_timeout: settings.shutdown_timeout,
+        shutdown: shutdown.clone(),
         state: Mutex::new(State::default()),
     };
     let consumer: BaseConsumer<Ctx> = client_config(settings).create_with_context(ctx)?;
