@@ -519,11 +519,11 @@ async fn raw_producer(bootstrap: &str, count: u64, payload: &[u8]) -> Result<f64
             let key = format!("key-{}", i % 1000);
             let headers = OwnedHeaders::new()
                 .insert(Header {
-                    key: "consign-id",
+                    key: consign::outbox::headers::ID,
                     value: Some(&id),
                 })
                 .insert(Header {
-                    key: "consign-event-type",
+                    key: consign::outbox::headers::EVENT_TYPE,
                     value: Some("Filler"),
                 });
             let record = FutureRecord::to(TOPIC)

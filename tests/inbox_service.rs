@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use consign::inbox::{
-    BatchOutcome, BoxError, Delivery, InboxLayer, Outcome, Received, RetryPolicy,
+    BatchOutcome, BoxError, Delivery, InboxLayer, Outcome, Received, RetryPolicy, headers,
 };
 use consign_test_support::effects::{self, TestMessage, tally};
 use consign_test_support::unique_topic;
@@ -144,4 +144,52 @@ async fn a_message_whose_commit_fails_is_dead_lettered_with_the_database_error(p
         "{outcome:?}"
     );
     assert_eq!(layer.stats().dead_lettered, 3);
+}
+
+/// A requeued dead letter is for the consumer named in its
+/// `consign-requeued-for` header only (issue 13 item 6): another inbox
+/// passes over it without calling its handler, whatever its dedup records
+/// say, and records its offset; the named one handles it.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_requeued_dead_letter_is_handled_only_by_the_consumer_it_names(pool: PgPool) {
+    setup(&pool).await;
+    let topic = unique_topic("requeued-for");
+    let named = inbox(&pool);
+    let other = inbox(&pool);
+    let step = TestMessage::step(1, 1);
+    let letter = |offset| {
+        received(&topic, offset, &step).with_header(headers::REQUEUED_FOR, named.consumer())
+    };
+
+    let passed = ServiceExt::<Received>::oneshot(other.layer(service_fn(handler)), letter(0))
+        .await
+        .unwrap();
+    assert_eq!(passed, Outcome::ForAnotherConsumer);
+    let batch = ServiceExt::<Vec<Received>>::oneshot(
+        other.layer(service_fn(handler)),
+        vec![letter(1), received(&topic, 2, &TestMessage::step(2, 1))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (batch.for_another_consumer, batch.handled),
+        (1, 1),
+        "{batch:?}"
+    );
+    assert_eq!(tally(&pool).await.unwrap().effects, 1);
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM consign_inbox_offsets WHERE consumer_group = $1",
+    )
+    .bind(other.consumer())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 3);
+    assert_eq!(other.stats().for_another_consumer, 2);
+
+    let handled = ServiceExt::<Received>::oneshot(named.layer(service_fn(handler)), letter(3))
+        .await
+        .unwrap();
+    assert_eq!(handled, Outcome::Handled);
+    assert_eq!(tally(&pool).await.unwrap().effects, 2);
 }

@@ -250,6 +250,10 @@ async fn admin_command(config: &str, args: &[&str]) -> (bool, String) {
     (status.success(), command.output())
 }
 
+/// Requeue reaches only the consumer that gave up (issue 13 item 6): another
+/// group that handled the message long ago, whose dedup record `cleanup`
+/// has since removed (8 days old, retention 7), passes over the requeued
+/// copy instead of applying it a second time.
 #[sqlx::test(migrator = "consign::MIGRATOR")]
 async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPool) {
     let prometheus = prometheus();
@@ -291,6 +295,36 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
                 }
             });
     let running = Running::start(&inbox, service, broker.bootstrap(), &topic);
+
+    // Another group reads the same topic, with effects of its own.
+    sqlx::query("CREATE TABLE other_effects (message_id uuid NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let other = InboxLayer::new(pool.clone(), format!("{consumer}-other"));
+    let other_service = ServiceBuilder::new().layer(other.clone()).service_fn(
+        |mut delivery: Delivery| async move {
+            sqlx::query("INSERT INTO other_effects (message_id) VALUES ($1)")
+                .bind(delivery.id())
+                .execute(delivery.conn())
+                .await?;
+            Ok::<_, BoxError>(())
+        },
+    );
+    let other_running = Running::start(&other, other_service, broker.bootstrap(), &topic);
+    let other_effects = || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM other_effects")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+    eventually("the other group to handle all 20", WAIT, || async {
+        Ok((other.stats().handled == 20).then_some(()))
+    })
+    .await
+    .unwrap();
+
     let stats = eventually(
         "19 handled, 1 dead-lettered, 3 duplicates",
         WAIT,
@@ -326,6 +360,26 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     // The admin CLI shows the letter; requeue needs a selection.
     broken.store(false, Ordering::SeqCst);
     let config = relay_config(&db::url(&pool), broker.bootstrap(), &[], &[]);
+
+    // Days pass: the other group's dedup records fall out of retention.
+    sqlx::query(
+        "UPDATE consign_inbox SET handled_at = now() - interval '8 days' WHERE consumer = $1",
+    )
+    .bind(other.consumer())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (ok, cleaned) = admin_command(&config, &["cleanup"]).await;
+    assert!(ok, "{cleaned}");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_inbox WHERE consumer = $1")
+        .bind(other.consumer())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept, 0,
+        "cleanup kept the other group's old records: {cleaned}"
+    );
     let (ok, listed) = admin_command(&config, &["dead-letters", "list", "--json"]).await;
     assert!(ok, "{listed}");
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
@@ -380,12 +434,28 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     let tally = effects::tally(&pool).await.unwrap();
     assert_eq!((tally.effects, tally.distinct), (20, 20), "{tally:?}");
     assert_eq!(series(messages_total, Some("handled")), Some(20.0));
+    // The other group passed over the requeued copy.
+    let passed = eventually("the other group to pass over the copy", WAIT, || async {
+        let s = other.stats();
+        Ok((s.for_another_consumer + s.handled > 20).then_some(s))
+    })
+    .await
+    .unwrap();
+    println!("other group: {passed:?}");
+    assert_eq!(passed.for_another_consumer, 1, "{passed:?}");
+    assert_eq!(
+        other_effects().await,
+        20,
+        "the other group applied the requeued copy"
+    );
     // Requeueing again finds nothing; the message stays handled once.
     let (ok, again) = admin_command(&config, &["dead-letters", "requeue", "--all"]).await;
     assert!(ok && again.contains("0 requeued"), "{again}");
     relay.shutdown().await.unwrap();
     running.stop().await;
+    other_running.stop().await;
     assert_eq!(effects::tally(&pool).await.unwrap().effects, 20);
+    assert_eq!(other_effects().await, 20);
 }
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]

@@ -71,6 +71,9 @@ pub struct InboxStats {
     pub failed_attempts: u64,
     /// Messages sent to the dead letters.
     pub dead_lettered: u64,
+    /// Requeued dead letters of another consumer, passed over (see
+    /// [`headers::REQUEUED_FOR`](crate::headers::REQUEUED_FOR)).
+    pub for_another_consumer: u64,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +82,7 @@ pub(crate) struct Counters {
     pub(crate) duplicates: AtomicU64,
     pub(crate) failed_attempts: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) for_another_consumer: AtomicU64,
 }
 
 /// What a count is of.
@@ -88,6 +92,7 @@ pub(crate) enum Counted {
     Duplicate,
     FailedAttempt,
     DeadLettered,
+    ForAnotherConsumer,
 }
 
 impl Shared {
@@ -101,6 +106,7 @@ impl Shared {
             Counted::Handled => (&c.handled, Some("handled")),
             Counted::Duplicate => (&c.duplicates, Some("duplicate")),
             Counted::DeadLettered => (&c.dead_lettered, Some("dead_lettered")),
+            Counted::ForAnotherConsumer => (&c.for_another_consumer, Some("for_another_consumer")),
             Counted::FailedAttempt => (&c.failed_attempts, None),
         };
         counter.fetch_add(n, Ordering::Relaxed);
@@ -216,6 +222,7 @@ impl InboxLayer {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             failed_attempts: c.failed_attempts.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            for_another_consumer: c.for_another_consumer.load(Ordering::Relaxed),
         }
     }
 }

@@ -66,9 +66,10 @@ mod service;
 mod store;
 mod trace;
 
+pub use consign_outbox::headers;
 pub use consumer::{InboxConsumer, InboxConsumerBuilder};
 pub use delivery::{DecodeError, Delivery, Rejected};
 pub use error::{BoxError, ConsumerError, InboxError};
 pub use layer::{InboxLayer, InboxLayerBuilder, InboxStats, MissingId, RetryPolicy};
-pub use received::{EVENT_TYPE_HEADER, ID_HEADER, Received};
+pub use received::Received;
 pub use service::{BatchOutcome, InboxService, Outcome};

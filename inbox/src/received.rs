@@ -6,11 +6,7 @@ use rdkafka::message::{BorrowedMessage, Headers as _};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// The header holding a message's id, set by the consign relay.
-pub const ID_HEADER: &str = "consign-id";
-
-/// The header holding a message's event type, set by the consign relay.
-pub const EVENT_TYPE_HEADER: &str = "consign-event-type";
+use consign_outbox::headers::{EVENT_TYPE as EVENT_TYPE_HEADER, ID as ID_HEADER};
 
 /// One Kafka message, detached from the consumer so it can be queued,
 /// retried and dead-lettered.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use consign_outbox::headers::{self, dlq};
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -36,6 +37,10 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// A requeued dead letter of another consumer: passed over (its
+    /// offset recorded, the handler not called). See
+    /// [`headers::REQUEUED_FOR`](crate::headers::REQUEUED_FOR).
+    ForAnotherConsumer,
 }
 
 /// What became of a batch of messages.
@@ -47,6 +52,8 @@ pub struct BatchOutcome {
     pub duplicates: u64,
     /// Messages sent to the dead letters.
     pub dead_lettered: u64,
+    /// Requeued dead letters of another consumer, passed over.
+    pub for_another_consumer: u64,
     /// Handler attempts that failed on the way.
     pub failed_attempts: u64,
 }
@@ -57,6 +64,7 @@ impl BatchOutcome {
             Outcome::Handled => self.handled += 1,
             Outcome::Duplicate => self.duplicates += 1,
             Outcome::DeadLettered { .. } => self.dead_lettered += 1,
+            Outcome::ForAnotherConsumer => self.for_another_consumer += 1,
         }
         self.failed_attempts += failed_attempts;
     }
@@ -154,6 +162,13 @@ where
         let mut inner = self.inner.clone();
         Box::pin(async move { process_batch(&shared, &mut inner, batch).await })
     }
+}
+
+/// Whether `message` is a dead letter requeued for another consumer.
+fn for_another_consumer(shared: &Shared, message: &Received) -> bool {
+    message
+        .header_str(headers::REQUEUED_FOR)
+        .is_some_and(|consumer| consumer != shared.consumer)
 }
 
 fn resolve_id(shared: &Shared, message: &Received) -> Result<Uuid, String> {
@@ -342,9 +357,11 @@ where
         return Ok(Ok(BatchOutcome::default()));
     }
     let mut tx = shared.pool.begin().await?;
-    let valid: Vec<Uuid> = ids
+    let valid: Vec<Uuid> = messages
         .iter()
-        .filter_map(|id| id.as_ref().ok().copied())
+        .zip(ids)
+        .filter(|(message, _)| !for_another_consumer(shared, message))
+        .filter_map(|(_, id)| id.as_ref().ok().copied())
         .collect();
     let mut new = if valid.is_empty() {
         HashSet::new()
@@ -357,6 +374,9 @@ where
     let mut without_id = Vec::new();
     for (index, (message, id)) in messages.iter().zip(ids).enumerate() {
         match id {
+            _ if for_another_consumer(shared, message) => {
+                outcome.add(&Outcome::ForAnotherConsumer, 0);
+            }
             Err(reason) => without_id.push((message, reason)),
             // Recorded before (or earlier in this batch): a duplicate.
             Ok(id) if !new.remove(id) => outcome.add(&Outcome::Duplicate, 0),
@@ -445,6 +465,7 @@ fn count(shared: &Shared, outcome: &BatchOutcome) {
     shared.count(Counted::Handled, outcome.handled);
     shared.count(Counted::Duplicate, outcome.duplicates);
     shared.count(Counted::DeadLettered, outcome.dead_lettered);
+    shared.count(Counted::ForAnotherConsumer, outcome.for_another_consumer);
 }
 
 /// One message in transactions of its own: retried with backoff, then
@@ -473,6 +494,11 @@ where
             tokio::time::sleep(delays.next().unwrap_or(shared.retry.max_delay)).await;
         }
         let mut tx = shared.pool.begin().await?;
+        if for_another_consumer(shared, message) {
+            finish(shared, tx, message).await?;
+            shared.count(Counted::ForAnotherConsumer, 1);
+            return Ok((Outcome::ForAnotherConsumer, failed));
+        }
         let id = match id {
             Ok(id) => *id,
             Err(reason) => {
@@ -617,12 +643,12 @@ async fn publish_dead_letter(
     let offset = message.offset.to_string();
     let attempts = attempts.to_string();
     for (key, value) in [
-        ("consign-dlq-error", reason),
-        ("consign-dlq-topic", message.topic.as_str()),
-        ("consign-dlq-partition", partition.as_str()),
-        ("consign-dlq-offset", offset.as_str()),
-        ("consign-dlq-attempts", attempts.as_str()),
-        ("consign-dlq-consumer", consumer),
+        (dlq::ERROR, reason),
+        (dlq::TOPIC, message.topic.as_str()),
+        (dlq::PARTITION, partition.as_str()),
+        (dlq::OFFSET, offset.as_str()),
+        (dlq::ATTEMPTS, attempts.as_str()),
+        (dlq::CONSUMER, consumer),
     ] {
         headers = headers.insert(Header {
             key,

@@ -50,6 +50,7 @@
 
 mod error;
 mod event;
+pub mod headers;
 mod message;
 mod outbox;
 mod partition;

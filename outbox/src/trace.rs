@@ -19,7 +19,9 @@ pub(crate) fn current() -> Option<(String, Option<String>)> {
     }
     let mut carrier: HashMap<String, String> = HashMap::new();
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    let traceparent = carrier.remove("traceparent")?;
-    let tracestate = carrier.remove("tracestate").filter(|s| !s.is_empty());
+    let traceparent = carrier.remove(crate::headers::TRACEPARENT)?;
+    let tracestate = carrier
+        .remove(crate::headers::TRACESTATE)
+        .filter(|s| !s.is_empty());
     Some((traceparent, tracestate))
 }

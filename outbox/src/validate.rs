@@ -2,6 +2,7 @@
 //! anything is written, so a bad message never aborts the caller's
 //! transaction.
 
+use crate::headers::{self, RESERVED_PREFIX};
 use crate::{Error, Message, Result};
 
 /// Size limits applied at enqueue. The defaults keep key, headers and payload
@@ -27,8 +28,7 @@ impl Default for Limits {
 }
 
 /// Header names the relay sets itself.
-const RESERVED_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
-const RESERVED_PREFIX: &str = "consign-";
+const RESERVED_HEADERS: [&str; 2] = [headers::TRACEPARENT, headers::TRACESTATE];
 
 impl Limits {
     /// Checks every rule; the first one broken is returned.

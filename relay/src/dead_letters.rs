@@ -5,12 +5,14 @@
 //! one transaction: the letter is deleted, the consumer's dedup record of
 //! its message id is deleted (so that consumer handles it again), and an
 //! outbox row with the same id, key, payload, event type, trace context and
-//! user headers is inserted. The relay then publishes it like any event.
-//! Other consumers of the topic handled the message already and skip it as
-//! a duplicate. A requeued message comes after the key's later events.
+//! user headers is inserted, plus [`headers::REQUEUED_FOR`] naming the
+//! consumer. The relay then publishes it like any event. Other consumers of
+//! the topic pass over it by that header, not by their dedup records (which
+//! retention may have removed, and which a letter without id never
+//! matches). A requeued message comes after the key's later events.
 
 use chrono::{DateTime, Utc};
-use consign_outbox::partition_for;
+use consign_outbox::{headers, partition_for};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::{PgPool, Postgres, QueryBuilder};
@@ -266,10 +268,10 @@ fn to_row(letter: &Letter) -> Result<Row, String> {
             _ => String::new(),
         };
         match name {
-            "consign-event-type" => row.event_type = value,
-            "traceparent" => row.traceparent = Some(value),
-            "tracestate" => row.tracestate = Some(value),
-            n if n.starts_with("consign-") => {}
+            headers::EVENT_TYPE => row.event_type = value,
+            headers::TRACEPARENT => row.traceparent = Some(value),
+            headers::TRACESTATE => row.tracestate = Some(value),
+            n if n.starts_with(headers::RESERVED_PREFIX) => {}
             n => {
                 user.insert(n.to_owned(), Value::String(value));
             }
@@ -278,6 +280,10 @@ fn to_row(letter: &Letter) -> Result<Row, String> {
     if row.event_type.is_empty() {
         row.event_type = "unknown".into();
     }
+    user.insert(
+        headers::REQUEUED_FOR.to_owned(),
+        Value::String(letter.consumer.clone()),
+    );
     row.headers = Value::Object(user);
     Ok(row)
 }
@@ -371,12 +377,16 @@ mod tests {
             {"name": "consign-event-type", "value": "OrderPlaced"},
             {"name": "traceparent", "value": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
             {"name": "tenant", "value": "acme"},
+            {"name": "consign-requeued-for", "value": "an earlier requeue's consumer"},
         ]);
         let row = to_row(&letter(Some(b"order-1"), headers)).unwrap();
         assert_eq!(row.key.as_deref(), Some("order-1"));
         assert_eq!(row.event_type, "OrderPlaced");
         assert!(row.traceparent.unwrap().starts_with("00-4bf92f"));
-        assert_eq!(row.headers, json!({"tenant": "acme"}));
+        assert_eq!(
+            row.headers,
+            json!({"tenant": "acme", "consign-requeued-for": "c"})
+        );
     }
 
     #[test]

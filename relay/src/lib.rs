@@ -69,10 +69,10 @@ mod txn;
 
 pub use builder::{PRODUCER_DEFAULTS, RelayBuilder, check_kafka_config};
 pub use config::{Config, Profile, RelaySettings};
+pub use consign_outbox::headers;
 pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};
 pub use health::{Check, Health, Liveness, Readiness, Stall};
-pub use publish::{HEADER_EVENT_TYPE, HEADER_ID};
 pub use relay::Relay;
 pub use status::{Status, status};
 

@@ -14,12 +14,9 @@ use rdkafka::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::store::OutboxRow;
+use consign_outbox::headers;
 
-/// Header carrying the message id.
-pub const HEADER_ID: &str = "consign-id";
-/// Header carrying the event type.
-pub const HEADER_EVENT_TYPE: &str = "consign-event-type";
+use crate::store::OutboxRow;
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,22 +229,22 @@ fn headers(row: &OutboxRow) -> OwnedHeaders {
     let id = row.id.hyphenated().to_string();
     let mut headers = OwnedHeaders::new_with_capacity(4 + user.len())
         .insert(Header {
-            key: HEADER_ID,
+            key: headers::ID,
             value: Some(&id),
         })
         .insert(Header {
-            key: HEADER_EVENT_TYPE,
+            key: headers::EVENT_TYPE,
             value: Some(&row.event_type),
         });
     if let Some(traceparent) = &row.traceparent {
         headers = headers.insert(Header {
-            key: "traceparent",
+            key: headers::TRACEPARENT,
             value: Some(traceparent),
         });
     }
     if let Some(tracestate) = &row.tracestate {
         headers = headers.insert(Header {
-            key: "tracestate",
+            key: headers::TRACESTATE,
             value: Some(tracestate),
         });
     }

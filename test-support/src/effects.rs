@@ -191,7 +191,7 @@ pub async fn produce(bootstrap: &str, topic: &str, messages: &[TestMessage]) -> 
         let mut headers = OwnedHeaders::new();
         if let Some(id) = &id {
             headers = headers.insert(Header {
-                key: consign_inbox::ID_HEADER,
+                key: consign_inbox::headers::ID,
                 value: Some(id),
             });
         }

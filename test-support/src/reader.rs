@@ -44,7 +44,8 @@ impl Received {
     /// The `consign-id` header.
     #[must_use]
     pub fn id(&self) -> Option<Uuid> {
-        self.header("consign-id").and_then(|s| s.parse().ok())
+        self.header(consign_outbox::headers::ID)
+            .and_then(|s| s.parse().ok())
     }
 }
 
