@@ -4,7 +4,8 @@
 #
 #   PostgreSQL  127.0.0.1:5432, trust auth for local connections, users
 #               `postgres` and `root` (superusers), database `test`,
-#               wal_level=logical (for CDC peers such as Debezium).
+#               wal_level=logical (for CDC peers such as Debezium), TLS
+#               with a test CA (/etc/postgresql/<v>/main/consign-tls/ca.crt).
 #   Kafka       Apache Kafka's jars from Maven Central, resolved from
 #               test-support/kafka/pom.xml into a cache outside the repository
 #               (scripts/kafka.sh); the tests start the brokers themselves.
@@ -49,6 +50,32 @@ ensure_roles() {
     say "PostgreSQL on 127.0.0.1:$PG_PORT ($("${psql[@]}" -c 'SHOW server_version'), wal_level $("${psql[@]}" -c 'SHOW wal_level'))"
 }
 
+# A test CA and a server certificate it signs (localhost, 127.0.0.1), made
+# once. The TLS tests find the CA as ca.crt beside the server's
+# ssl_cert_file; they also make a CA of their own, which must be refused.
+pg_tls_certificates() {
+    local dir="$1"
+    if as_root test -s "$dir/server.crt" && as_root test -s "$dir/ca.crt"; then
+        return
+    fi
+    say "making a test CA and a server certificate in $dir"
+    local work
+    work="$(mktemp -d)"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=consign test CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+        "keyUsage=digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >"$work/ext"
+    openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$work/ext" -out "$work/server.crt" 2>/dev/null
+    as_root mkdir -p "$dir"
+    as_root install -m 0644 "$work/ca.crt" "$work/server.crt" "$dir/"
+    as_root install -m 0600 -o postgres -g postgres "$work/server.key" "$dir/"
+    rm -rf "$work"
+}
+
 postgres() {
     step "PostgreSQL"
     # A server someone else runs (not a Debian cluster of this machine): use
@@ -71,6 +98,9 @@ postgres() {
         as_root pg_createcluster "$version" main --port "$PG_PORT" >&2
     fi
 
+    local tls_dir="$conf_dir/consign-tls"
+    pg_tls_certificates "$tls_dir"
+
     # Settings: one file of ours in conf.d, rewritten only when it changes.
     local wanted changed=""
     wanted="$(cat <<EOF
@@ -82,6 +112,10 @@ max_wal_senders = 10
 max_replication_slots = 10
 max_connections = 400
 shared_buffers = 256MB
+# TLS with a test CA (ca.crt beside the certificate), for the TLS tests.
+ssl = on
+ssl_cert_file = '$tls_dir/server.crt'
+ssl_key_file = '$tls_dir/server.key'
 EOF
 )"
     as_root mkdir -p "$conf_dir/conf.d"

@@ -513,8 +513,8 @@ where
 }
 
 /// The consumer errors that retrying cannot heal, which end `run`: fatal
-/// ones, and a session timeout the broker refuses (librdkafka would retry
-/// joining the group for ever, consuming nothing).
+/// ones, a session timeout the broker refuses and credentials it refuses
+/// (librdkafka would retry for ever, consuming nothing).
 fn lasting(consumer: &BaseConsumer<Ctx>, error: &KafkaError) -> Option<ConsumerError> {
     match error {
         KafkaError::MessageConsumptionFatal(code) => {
@@ -530,6 +530,15 @@ fn lasting(consumer: &BaseConsumer<Ctx>, error: &KafkaError) -> Option<ConsumerE
                 "session.timeout.ms: the broker refused it (it must lie within the broker's \
                  group.min.session.timeout.ms and group.max.session.timeout.ms, 6 s to 30 min \
                  by default)"
+                    .into(),
+            ))
+        }
+        KafkaError::MessageConsumption(RDKafkaErrorCode::Authentication) => {
+            tracing::error!("Kafka refused the consumer's credentials; stopping");
+            Some(ConsumerError::Config(
+                "kafka authentication failed: the broker refused the SASL credentials \
+                 (sasl.mechanisms, sasl.username, sasl.password); librdkafka's log has the \
+                 broker's reason"
                     .into(),
             ))
         }

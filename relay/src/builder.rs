@@ -353,4 +353,26 @@ mod tests {
             "{error}"
         );
     }
+
+    /// librdkafka is built with OpenSSL, SCRAM and OAUTHBEARER's OIDC
+    /// method (libcurl): each of these is refused by a build without it
+    /// ("not supported in this build").
+    #[test]
+    fn the_build_has_tls_scram_and_oidc() {
+        for (key, value) in [
+            ("security.protocol", "sasl_ssl"),
+            ("ssl.endpoint.identification.algorithm", "https"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.mechanisms", "OAUTHBEARER"),
+            ("sasl.oauthbearer.method", "oidc"),
+        ] {
+            let kafka = BTreeMap::from([
+                ("bootstrap.servers".to_owned(), "localhost:9093".to_owned()),
+                (key.to_owned(), value.to_owned()),
+            ]);
+            if let Err(error) = check_kafka_config(&kafka) {
+                panic!("{key} = {value}: {error}");
+            }
+        }
+    }
 }

@@ -26,6 +26,8 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
 };
 
+use crate::tls::TestCa;
+
 /// Environment variable with the directory of Kafka's jars (default: the
 /// cache `scripts/kafka.sh fetch` fills).
 pub const KAFKA_LIBS_ENV: &str = "TEST_KAFKA_LIBS";
@@ -102,6 +104,10 @@ struct Node {
     id: i32,
     port: u16,
     controller_port: u16,
+    /// The SASL_SSL (SCRAM-SHA-512) listener.
+    secure_port: u16,
+    /// The PEM keystore (key and certificate) of that listener.
+    keystore: PathBuf,
     dir: PathBuf,
     process: Option<(Child, ChildStdin, i32)>,
 }
@@ -114,11 +120,15 @@ impl Node {
             "process.roles=broker,controller
 node.id={id}
 controller.quorum.voters={voters}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port},SECURE://127.0.0.1:{secure_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port},SECURE://127.0.0.1:{secure_port}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SECURE:SASL_SSL
+listener.name.secure.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.secure.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.secure.ssl.keystore.type=PEM
+listener.name.secure.ssl.keystore.location={keystore}
 log.dirs={data}
 num.partitions=1
 default.replication.factor={replicas}
@@ -140,6 +150,8 @@ log.segment.bytes=67108864
             id = self.id,
             port = self.port,
             controller_port = self.controller_port,
+            secure_port = self.secure_port,
+            keystore = self.keystore.display(),
             data = self.dir.join("data").display(),
         )
     }
@@ -226,6 +238,41 @@ log.segment.bytes=67108864
     }
 }
 
+/// The user of the clusters' SASL_SSL listener: (name, password).
+const SCRAM_USER: (&str, &str) = ("consign", "consign-test-secret");
+
+/// A cluster's SASL_SSL listener: TLS with a certificate of a CA made for
+/// the cluster (for `localhost` and `127.0.0.1`), SCRAM-SHA-512 with one
+/// user. Clients set `security.protocol=sasl_ssl`,
+/// `sasl.mechanisms=SCRAM-SHA-512`, the user and password, and
+/// `ssl.ca.location` to [`ca`](Self::ca).
+#[derive(Debug, Clone)]
+pub struct SecureListener {
+    /// `bootstrap.servers` for it (`localhost:<port>`, ...).
+    pub bootstrap: String,
+    /// The CA certificate (PEM) that signed the brokers' certificate.
+    pub ca: PathBuf,
+    /// The SCRAM user.
+    pub username: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl SecureListener {
+    /// The client properties that connect to it with `password`.
+    #[must_use]
+    pub fn client_properties(&self, password: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("bootstrap.servers", self.bootstrap.clone()),
+            ("security.protocol", "sasl_ssl".into()),
+            ("sasl.mechanisms", "SCRAM-SHA-512".into()),
+            ("sasl.username", self.username.clone()),
+            ("sasl.password", password.to_owned()),
+            ("ssl.ca.location", self.ca.display().to_string()),
+        ]
+    }
+}
+
 /// A real Kafka cluster of 1 or 3 nodes on loopback, each node broker and
 /// controller (KRaft combined mode). Topics get replication factor
 /// `min(nodes, 3)` and, on 3 nodes, `min.insync.replicas=2`. Dropped, it
@@ -234,6 +281,7 @@ log.segment.bytes=67108864
 pub struct KafkaCluster {
     nodes: Mutex<Vec<Node>>,
     bootstrap: String,
+    secure: SecureListener,
     libs: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -250,7 +298,11 @@ impl KafkaCluster {
         let dir = tempfile::Builder::new()
             .prefix("consign-kafka-")
             .tempdir()?;
-        let mut ports = free_ports(2 * nodes)?.into_iter();
+        let mut ports = free_ports(3 * nodes)?.into_iter();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir_all(&tls)?;
+        let ca = TestCa::generate(&tls)?;
+        let keystore = ca.server("broker")?;
         let mut list = Vec::new();
         for i in 1..=nodes {
             let node_dir = dir.path().join(format!("node-{i}"));
@@ -259,6 +311,8 @@ impl KafkaCluster {
                 id: i32::try_from(i)?,
                 port: ports.next().context("port")?,
                 controller_port: ports.next().context("port")?,
+                secure_port: ports.next().context("port")?,
+                keystore: keystore.clone(),
                 dir: node_dir,
                 process: None,
             });
@@ -289,9 +343,20 @@ impl KafkaCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",");
+        let secure = SecureListener {
+            bootstrap: list
+                .iter()
+                .map(|n| format!("localhost:{}", n.secure_port))
+                .collect::<Vec<_>>()
+                .join(","),
+            ca: ca.certificate(),
+            username: SCRAM_USER.0.to_owned(),
+            password: SCRAM_USER.1.to_owned(),
+        };
         let cluster = Self {
             nodes: Mutex::new(list),
             bootstrap,
+            secure,
             libs,
             dir,
         };
@@ -329,6 +394,13 @@ impl KafkaCluster {
     #[must_use]
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// The SASL_SSL listener (SCRAM-SHA-512, a certificate of a CA made for
+    /// this cluster) and how to reach it.
+    #[must_use]
+    pub fn secure(&self) -> &SecureListener {
+        &self.secure
     }
 
     /// The node ids (1..=nodes).
@@ -595,6 +667,11 @@ fn format_node(
         .arg("kafka.tools.StorageTool")
         .args(["format", "--ignore-formatted", "-t", cluster_id, "-c"])
         .arg(&properties)
+        .arg("--add-scram")
+        .arg(format!(
+            "SCRAM-SHA-512=[name={},password={}]",
+            SCRAM_USER.0, SCRAM_USER.1
+        ))
         .output()
         .context("running kafka.tools.StorageTool")?;
     if !out.status.success() {

@@ -24,8 +24,11 @@ mod process;
 mod reader;
 pub mod stream;
 pub mod tap;
+pub mod tls;
 
-pub use cluster::{KAFKA_JVM_OPTS_ENV, KAFKA_LIBS_ENV, KafkaCluster, kafka_libs, kafka_version};
+pub use cluster::{
+    KAFKA_JVM_OPTS_ENV, KAFKA_LIBS_ENV, KafkaCluster, SecureListener, kafka_libs, kafka_version,
+};
 pub use kafka::{
     BrokerKind, EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions, real_kafka_tier,
 };
