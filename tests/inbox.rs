@@ -513,3 +513,49 @@ async fn stored_offsets_unreadable_at_assignment_hold_the_partitions_until_the_d
     );
     assert_eq!(t.distinct, 50);
 }
+
+/// Secrets in the consumer's Kafka properties never show (issue 13 item
+/// 11): not in its `Debug`, not in the error when librdkafka refuses the
+/// property (`sasl.jaas.config` is Java's, unknown to librdkafka, and its
+/// value holds a password).
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn consumer_secrets_stay_out_of_debug_and_refusals(pool: PgPool) {
+    const SECRET: &str = "inbox-secret-7f3a";
+    let inbox = InboxLayer::new(pool, unique_topic("secrets"));
+    let build = |key: &str| {
+        InboxConsumer::builder(&inbox)
+            .topic("t")
+            .kafka("bootstrap.servers", "127.0.0.1:1")
+            .kafka(key, format!("password=\"{SECRET}\";"))
+            .build()
+            .unwrap()
+    };
+    for key in [
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "sasl.oauthbearer.client.secret",
+        "sasl.oauthbearer.assertion.private.key.passphrase",
+        "sasl.oauthbearer.assertion.private.key.pem",
+        "ssl.key.pem",
+        "sasl.oauthbearer.config",
+        "sasl.jaas.config",
+    ] {
+        let debug = format!("{:?}", build(key));
+        assert!(!debug.contains(SECRET), "{debug}");
+        assert!(debug.contains(key), "{debug}");
+    }
+    let service = ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(effects::record);
+    let error = tokio::time::timeout(
+        WAIT,
+        build("sasl.jaas.config").run(service, CancellationToken::new()),
+    )
+    .await
+    .expect("run with a refused property did not end")
+    .expect_err("librdkafka accepted sasl.jaas.config");
+    println!("{error}");
+    assert!(!error.to_string().contains(SECRET), "{error}");
+    assert!(error.to_string().contains("sasl.jaas.config"), "{error}");
+}

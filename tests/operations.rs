@@ -50,7 +50,14 @@ broker_test! {
             &[],
             &[
                 ("sasl.username", "\"relay\""),
-                ("sasl.password", &format!("{KAFKA_SECRET:?}")),
+                ("sasl.password", &format!("\"{KAFKA_SECRET}-1\"")),
+                ("ssl.key.password", &format!("\"{KAFKA_SECRET}-2\"")),
+                ("ssl.keystore.password", &format!("\"{KAFKA_SECRET}-3\"")),
+                ("sasl.oauthbearer.client.secret", &format!("\"{KAFKA_SECRET}-4\"")),
+                (
+                    "sasl.oauthbearer.assertion.private.key.passphrase",
+                    &format!("\"{KAFKA_SECRET}-5\""),
+                ),
             ],
         );
         // The most talkative logging there is, while events flow.
@@ -66,6 +73,10 @@ broker_test! {
         println!("{} events relayed with trace logging", ids.len());
 
         let bad = config.replace("batch-size = 1000", "batch-size = 0");
+        // A secret property librdkafka refuses (Java's JAAS line).
+        let refused = format!(
+            "{config}\"sasl.jaas.config\" = \"ScramLoginModule required password='{KAFKA_SECRET}-6';\"\n"
+        );
         for (name, config, args) in [
             ("config show", &config, &["config", "show"][..]),
             ("config show --json", &config, &["config", "show", "--json"]),
@@ -73,6 +84,8 @@ broker_test! {
             ("config check (invalid)", &bad, &["config", "check"]),
             ("run (invalid)", &bad, &["run"]),
             ("status", &config, &["status"]),
+            ("config check (refused secret)", &refused, &["config", "check"]),
+            ("run (refused secret)", &refused, &["run"]),
         ] {
             let mut command = RelayProcess::start_with(config, args, &debug).unwrap();
             command.wait(Duration::from_secs(30)).await.unwrap();
@@ -85,6 +98,9 @@ broker_test! {
             "{}",
             outputs[4].1
         );
+        for refused in &outputs[7..] {
+            assert!(refused.1.contains("sasl.jaas.config"), "{}", refused.1);
+        }
         for (name, output) in outputs {
             for secret in [PG_SECRET, KAFKA_SECRET] {
                 assert!(

@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
+use consign_outbox::secrets::{REDACTED, is_secret_kafka_property, refused_property};
+
 use crate::{BoxError, ConsumerError, InboxLayer, Received, store};
 
 type Tp = (String, i32);
@@ -57,7 +59,6 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// consumer.run(service, shutdown.clone()).await?; // until shutdown.cancel()
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct InboxConsumer {
     pool: PgPool,
     group: String,
@@ -66,6 +67,31 @@ pub struct InboxConsumer {
     max_batch: usize,
     queue_per_partition: usize,
     shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for InboxConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kafka: BTreeMap<&str, &str> = self
+            .kafka
+            .iter()
+            .map(|(key, value)| {
+                let shown = if is_secret_kafka_property(key) {
+                    REDACTED
+                } else {
+                    value.as_str()
+                };
+                (key.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("InboxConsumer")
+            .field("group", &self.group)
+            .field("topics", &self.topics)
+            .field("kafka", &kafka)
+            .field("max_batch", &self.max_batch)
+            .field("queue_per_partition", &self.queue_per_partition)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Configures an [`InboxConsumer`].
@@ -451,7 +477,9 @@ where
         shutdown: shutdown.clone(),
         state: Mutex::new(State::default()),
     };
-    let consumer: BaseConsumer<Ctx> = client_config(settings).create_with_context(ctx)?;
+    let consumer: BaseConsumer<Ctx> = client_config(settings)
+        .create_with_context(ctx)
+        .map_err(kafka_error)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(group = %settings.group, ?topics, "inbox consumer started");
@@ -510,6 +538,18 @@ where
     drop(consumer);
     tracing::info!(group = %settings.group, "inbox consumer stopped");
     result
+}
+
+/// A Kafka client error; a refused property is named with its value
+/// redacted when it holds a secret.
+fn kafka_error(error: KafkaError) -> ConsumerError {
+    match error {
+        KafkaError::ClientConfig(_, description, key, value) => ConsumerError::Config(format!(
+            "kafka.{key}: {}",
+            refused_property(&key, &value, &description)
+        )),
+        other => ConsumerError::Kafka(other),
+    }
 }
 
 /// The consumer errors that retrying cannot heal, which end `run`: fatal

@@ -54,6 +54,7 @@ pub mod headers;
 mod message;
 mod outbox;
 mod partition;
+pub mod secrets;
 mod store;
 mod trace;
 mod validate;

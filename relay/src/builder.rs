@@ -276,22 +276,10 @@ pub fn check_kafka_config(kafka: &BTreeMap<String, String>) -> Result<()> {
 /// the property holds a secret (its description then omits it too).
 fn kafka_config_error(error: KafkaError) -> Error {
     match error {
-        KafkaError::ClientConfig(_, description, key, value) => {
-            let (value, description) = if is_secret_kafka_property(&key) {
-                let description = if value.is_empty() {
-                    description
-                } else {
-                    description.replace(&value, REDACTED)
-                };
-                (REDACTED.to_owned(), description)
-            } else {
-                (format!("{value:?}"), description)
-            };
-            Error::config(
-                format!("kafka.{key}"),
-                format!("librdkafka refused {key:?} = {value}: {description}"),
-            )
-        }
+        KafkaError::ClientConfig(_, description, key, value) => Error::config(
+            format!("kafka.{key}"),
+            consign_outbox::secrets::refused_property(&key, &value, &description),
+        ),
         other => Error::Kafka(other),
     }
 }

@@ -588,8 +588,7 @@ impl fmt::Debug for Config {
     }
 }
 
-/// What replaces a secret in printed configuration.
-pub const REDACTED: &str = "REDACTED";
+pub use consign_outbox::secrets::{REDACTED, is_secret_kafka_property};
 
 impl Config {
     /// The defaults of `profile`, with no database URL or brokers.
@@ -729,18 +728,6 @@ impl Config {
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect()
     }
-}
-
-/// Whether a librdkafka property holds a secret: passwords, client
-/// secrets, private keys, JAAS and OAUTHBEARER configuration.
-#[must_use]
-pub fn is_secret_kafka_property(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    key.contains("password")
-        || key.contains("secret")
-        || key == "ssl.key.pem"
-        || key == "sasl.jaas.config"
-        || key == "sasl.oauthbearer.config"
 }
 
 /// `url` with its password and `password`/`sslpassword` parameters replaced
