@@ -160,6 +160,63 @@ broker_test! {
 }
 
 broker_test! {
+    /// A database that goes silent at the network level while the relay runs
+    /// (its connections open but nothing answers: a route that dropped its
+    /// flows, a stalled VM) holds the relay no longer than about
+    /// `statement-timeout` + 5 s: it drops those connections, opens new ones
+    /// and goes on (issue 13 item 13). Before the deadline the relay waited
+    /// for TCP to give up, here for ever.
+    async fn database_gone_silent_mid_stream_is_left_after_the_deadline_and_flow_resumes(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("pgsilent");
+        broker.create_topic(&topic, 3).await.unwrap();
+        let (proxy, url) = TcpProxy::for_database(&pool).await.unwrap();
+        let config = relay_config(&url, broker.bootstrap(), &[], &[])
+            .replace("[database]\n", "[database]\nstatement-timeout = \"2s\"\n");
+        let later = unique_topic("pgsilent-later");
+        broker.create_topic(&later, 3).await.unwrap();
+        let mut later_reader = TopicReader::new(broker.bootstrap(), &later).unwrap();
+        let (writer, mut relay, mut reader) =
+            relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000, 30).await;
+        // Catch the relay with a query in flight (waiting on a lock), then
+        // silence its connections: the answer never reaches it.
+        let lock = db::lock_outbox(&pool).await.unwrap();
+        eventually("the relay's read waits on the lock", WAIT, || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await?;
+            Ok((waiting > 0).then_some(()))
+        })
+        .await
+        .unwrap();
+        proxy.black_hole();
+        let silenced = std::time::Instant::now();
+        lock.rollback().await.unwrap();
+        let ids = writer.await.unwrap();
+        // Written after the relay's connections went silent: only a relay
+        // that left them delivers these.
+        let later_ids = write_stream(pool.clone(), later.clone(), Stream::new(500, 30)).await;
+        let delivered = later_reader
+            .read_distinct(later_ids.len(), Duration::from_secs(90))
+            .await;
+        let output = relay.output();
+        delivered.unwrap_or_else(|e| panic!("{e:#}\n{output}"));
+        println!(
+            "{} events written after the database went silent delivered {:?} after it",
+            later_ids.len(),
+            silenced.elapsed(),
+        );
+        reader.read_distinct(ids.len(), WAIT).await.unwrap();
+        assert_complete_and_ordered(&ids, &reader);
+        assert_complete_and_ordered(&later_ids, &later_reader);
+        assert!(output.contains("did not answer within"), "{output}");
+        relay.terminate(Duration::from_secs(20)).await.unwrap();
+    }
+}
+
+broker_test! {
     /// A lock held on the outbox (a migration, a forgotten transaction) does not
     /// stall a running relay unseen: its statement is cancelled after
     /// `database.statement-timeout`, it says so, retries with backoff, and

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::{
     Error, Relay, RelaySettings, Result,
     config::{AdminSettings, REDACTED, is_secret_kafka_property},
+    deadline::{DEFAULT_DATABASE_DEADLINE, Db},
     health::{Health, Sampler},
     publish::Publisher,
     relay::Publishers,
@@ -70,6 +71,7 @@ pub struct RelayBuilder {
     kafka: BTreeMap<String, String>,
     settings: RelaySettings,
     sample_interval: Duration,
+    database_deadline: Duration,
     on_published: Option<PublishedHook>,
 }
 
@@ -101,8 +103,21 @@ impl RelayBuilder {
             kafka: BTreeMap::new(),
             settings: RelaySettings::default(),
             sample_interval: AdminSettings::default().sample_interval,
+            database_deadline: DEFAULT_DATABASE_DEADLINE,
             on_published: None,
         }
+    }
+
+    /// How long one database round of the relay (a read, the recording of a
+    /// batch's outcome, a lease renewal) may take before the relay gives up
+    /// on its connection, closes it and retries on a new one. It catches a
+    /// database gone silent at the network level, which the server's
+    /// `statement_timeout` cannot. Keep it above the pool's
+    /// `statement_timeout`; the `consign-relay` binary sets it to
+    /// `database.statement-timeout` + 5 s. Default 35 s; 1 s to 1 hour.
+    pub fn database_deadline(mut self, deadline: Duration) -> Self {
+        self.database_deadline = deadline;
+        self
     }
 
     /// How often the relay samples the backlog gauges and checks PostgreSQL
@@ -183,6 +198,15 @@ impl RelayBuilder {
             ..AdminSettings::default()
         }
         .validate()?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.database_deadline) {
+            return Err(Error::config(
+                "database-deadline",
+                format!(
+                    "must be between 1s and 1h, got {:?}",
+                    self.database_deadline
+                ),
+            ));
+        }
         let config = producer_config(&self.kafka)?;
         let mut health_client = config.clone();
         // It only asks for metadata: no idempotent producer state to keep
@@ -214,8 +238,12 @@ impl RelayBuilder {
             archive: self.settings.archive,
             archive_upkept: None,
         };
+        let db = Db {
+            pool: self.pool,
+            deadline: self.database_deadline,
+        };
         Ok(Relay::new(
-            self.pool,
+            db,
             publisher,
             self.settings,
             self.on_published,

@@ -263,6 +263,7 @@ async fn run(config: Config) -> Result<()> {
         .kafka_properties(config.kafka_properties())
         .settings(config.relay)
         .sample_interval(config.admin.sample_interval)
+        .database_deadline(config.database.deadline())
         .build()?;
     let shutdown = CancellationToken::new();
     if config.admin.enabled {

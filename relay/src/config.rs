@@ -283,9 +283,12 @@ pub struct DatabaseSettings {
     /// `migrate`, `cleanup` and the other commands): a statement running
     /// longer is cancelled, counts as a failed attempt and is retried with
     /// backoff, so a lock held by a migration or a forgotten transaction
-    /// cannot stall the relay unseen. `0s` leaves the server's or role's
-    /// setting. Default 30s (10s in the testing profile); otherwise 100ms
-    /// to 1h.
+    /// cannot stall the relay unseen. It also sets the sessions'
+    /// `idle_in_transaction_session_timeout` (twice as long) and the relay's
+    /// client-side deadline per database round (5 s longer), which catches a
+    /// database gone silent at the network level. `0s` leaves the server's
+    /// or role's setting (and the deadline at 35 s). Default 30s (10s in the
+    /// testing profile); otherwise 100ms to 1h.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
     /// `application_name` of the relay's sessions, as seen in
@@ -393,9 +396,32 @@ impl DatabaseSettings {
         let mut options = self.connect_options()?;
         if !self.statement_timeout.is_zero() {
             let millis = self.statement_timeout.as_millis();
-            options = options.options([("statement_timeout", format!("{millis}ms"))]);
+            // A session whose client went silent mid-transaction (see
+            // `deadline`) would keep its locks until TCP gives up; the server
+            // ends it after this long idle in its transaction.
+            options = options.options([
+                ("statement_timeout", format!("{millis}ms")),
+                (
+                    "idle_in_transaction_session_timeout",
+                    format!("{}ms", millis * 2),
+                ),
+            ]);
         }
         Ok(self.pool_options().connect_lazy_with(options))
+    }
+
+    /// How long one database round of the relay may take before it gives up
+    /// on the connection (see [`RelayBuilder::database_deadline`]):
+    /// `statement-timeout` + 5 s, or the default without a statement timeout.
+    ///
+    /// [`RelayBuilder::database_deadline`]: crate::RelayBuilder::database_deadline
+    #[must_use]
+    pub fn deadline(&self) -> Duration {
+        if self.statement_timeout.is_zero() {
+            crate::DEFAULT_DATABASE_DEADLINE
+        } else {
+            (self.statement_timeout + Duration::from_secs(5)).min(Duration::from_secs(3600))
+        }
     }
 
     /// A pool for maintenance commands (`migrate`, `cleanup`, dead letters,

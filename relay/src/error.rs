@@ -40,6 +40,15 @@ pub enum Error {
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// A database round did not finish within the relay's deadline (the
+    /// database silent at the network level: no answer and no error). The
+    /// connection was closed; the relay retries on a new one.
+    #[error(
+        "the database did not answer within {0:?} (a network dropping packets, a stalled server?); \
+         its connection was closed and the relay retries on a new one"
+    )]
+    DatabaseSilent(std::time::Duration),
+
     /// The relay task panicked.
     #[error("relay task failed: {0}")]
     Task(String),

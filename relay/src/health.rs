@@ -282,11 +282,16 @@ impl Sampler {
     /// dependency checks, then the pause until the next round.
     async fn sample(&mut self, timeout: Duration, client: Option<&Arc<BaseProducer>>) {
         self.upkeep_archive().await;
-        let database = tokio::time::timeout(timeout, sample_backlog(&self.pool)).await;
-        let database = match database {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+        // A connection that does not answer in time is closed, not
+        // returned to the pool.
+        let db = crate::deadline::Db {
+            pool: self.pool.clone(),
+            deadline: timeout,
+        };
+        let database = match db.run(async |conn| sample_backlog(conn).await).await {
+            Ok(()) => Ok(()),
+            Err(crate::Error::DatabaseSilent(_)) => Err(format!("no answer within {timeout:?}")),
+            Err(error) => Err(error.to_string()),
         };
         Health::record(
             &self.health.inner.database,
@@ -303,14 +308,14 @@ impl Sampler {
     }
 }
 
-async fn sample_backlog(pool: &PgPool) -> sqlx::Result<()> {
+async fn sample_backlog(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
     let (pending, oldest_age, with_errors): (i64, Option<f64>, i64) = sqlx::query_as(
         "SELECT count(*),
                 extract(epoch FROM now() - min(created_at))::float8,
                 count(*) FILTER (WHERE last_error IS NOT NULL)
          FROM consign_outbox",
     )
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?;
     #[allow(clippy::cast_precision_loss)] // row counts far below 2^52
     {

@@ -38,10 +38,12 @@ use std::{
 use chrono::{DateTime, Utc};
 use consign_outbox::PARTITIONS;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::deadline::Db;
 
 /// The owned partitions and the epoch each was acquired with.
 pub(crate) type Owned = BTreeMap<i16, i64>;
@@ -200,7 +202,7 @@ impl Ownership {
 
 /// Keeps this relay's membership and leases up to date.
 pub(crate) struct Coordinator {
-    pool: PgPool,
+    db: Db,
     instance: String,
     host: String,
     ttl: Duration,
@@ -209,14 +211,14 @@ pub(crate) struct Coordinator {
 
 impl Coordinator {
     pub(crate) fn new(
-        pool: PgPool,
+        db: Db,
         instance: String,
         host: String,
         ttl: Duration,
         ownership: Arc<Ownership>,
     ) -> Self {
         Self {
-            pool,
+            db,
             instance,
             host,
             ttl,
@@ -239,26 +241,32 @@ impl Coordinator {
     }
 
     /// One heartbeat + renew + rebalance round.
-    async fn round(&self) -> sqlx::Result<()> {
+    async fn round(&self) -> crate::Result<()> {
         let started = Instant::now();
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
-        let mut tx = self.pool.begin().await?;
-        heartbeat(&mut tx, &self.instance, &self.host, ttl_ms).await?;
-        let members: Vec<String> = sqlx::query_scalar(
-            "SELECT instance FROM consign_relays WHERE expires_at > now() ORDER BY instance",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let renewed: Vec<(i16, i64)> = sqlx::query_as(
-            "UPDATE consign_relay_leases
-             SET expires_at = now() + $2 * interval '1 millisecond'
-             WHERE owner = $1 RETURNING partition, epoch",
-        )
-        .bind(&self.instance)
-        .bind(ttl_ms)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let (members, renewed) = self
+            .db
+            .run(async |conn| {
+                let mut tx = conn.begin().await?;
+                heartbeat(&mut tx, &self.instance, &self.host, ttl_ms).await?;
+                let members: Vec<String> = sqlx::query_scalar(
+                    "SELECT instance FROM consign_relays WHERE expires_at > now() ORDER BY instance",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                let renewed: Vec<(i16, i64)> = sqlx::query_as(
+                    "UPDATE consign_relay_leases
+                     SET expires_at = now() + $2 * interval '1 millisecond'
+                     WHERE owner = $1 RETURNING partition, epoch",
+                )
+                .bind(&self.instance)
+                .bind(ttl_ms)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok((members, renewed))
+            })
+            .await?;
 
         let index = members
             .iter()
@@ -338,8 +346,8 @@ impl Coordinator {
     }
 
     /// Acquires up to `wanted` free or expired partitions.
-    async fn acquire(&self, wanted: usize, ttl_ms: i64) -> sqlx::Result<Vec<i16>> {
-        let acquired: Vec<(i16, i64)> = sqlx::query_as(
+    async fn acquire(&self, wanted: usize, ttl_ms: i64) -> crate::Result<Vec<i16>> {
+        let query = sqlx::query_as::<_, (i16, i64)>(
             "UPDATE consign_relay_leases AS l
              SET owner = $1, epoch = l.epoch + 1, acquired_at = now(),
                  expires_at = now() + $2 * interval '1 millisecond'
@@ -353,9 +361,11 @@ impl Coordinator {
         )
         .bind(&self.instance)
         .bind(ttl_ms)
-        .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(i64::try_from(wanted).unwrap_or(i64::MAX));
+        let acquired = self
+            .db
+            .run(async |conn| query.fetch_all(conn).await)
+            .await?;
         // Valid at least as long as the renewal of this round, which began
         // earlier (`apply_renewal` set `valid_until` from it).
         self.ownership.lock().owned.extend(acquired.iter().copied());
@@ -391,7 +401,7 @@ async fn heartbeat(
 /// Gives up leases (with the epochs they were held under): owner cleared,
 /// so another relay can take them at once.
 pub(crate) async fn release(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     instance: &str,
     partitions: &[(i16, i64)],
 ) -> sqlx::Result<()> {
@@ -405,7 +415,7 @@ pub(crate) async fn release(
     .bind(instance)
     .bind(parts)
     .bind(epochs)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -449,8 +459,12 @@ mod tests {
     async fn a_renewal_that_ran_before_a_release_does_not_bring_the_lease_back() {
         let pool = PgPool::connect_lazy("postgres://unused@127.0.0.1:1/none").unwrap();
         let ownership = Arc::new(Ownership::default());
-        let coordinator = Coordinator::new(
+        let db = Db {
             pool,
+            deadline: Duration::from_secs(1),
+        };
+        let coordinator = Coordinator::new(
+            db,
             "me".into(),
             "host".into(),
             Duration::from_secs(10),

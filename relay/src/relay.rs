@@ -10,6 +10,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::{
     Error, RelayBuilder, RelaySettings, Result,
     builder::PublishedHook,
+    deadline::Db,
     handle::{RelayHandle, Stats, Waker},
     health::{Health, Sampler},
     lease::{self, Coordinator, Owned, Ownership},
@@ -34,7 +35,7 @@ use crate::{
 /// Build one with [`Relay::builder`], then [`Relay::spawn`] it or drive
 /// [`Relay::run`] yourself.
 pub struct Relay {
-    pool: PgPool,
+    db: Db,
     publisher: Publishers,
     settings: RelaySettings,
     instance: String,
@@ -81,7 +82,7 @@ impl Relay {
     }
 
     pub(crate) fn new(
-        pool: PgPool,
+        db: Db,
         publisher: Publishers,
         settings: RelaySettings,
         on_published: Option<PublishedHook>,
@@ -91,7 +92,7 @@ impl Relay {
         Self {
             health: sampler.health.clone(),
             sampler: Some(sampler),
-            pool,
+            db,
             publisher,
             settings,
             instance,
@@ -161,7 +162,7 @@ impl Relay {
         let stop_coordinator = CancellationToken::new();
         let coordinator = tokio::spawn(
             Coordinator::new(
-                self.pool.clone(),
+                self.db.clone(),
                 self.instance.clone(),
                 self.host.clone(),
                 self.settings.lease_ttl,
@@ -255,7 +256,7 @@ impl Relay {
             Publishers::Shared(publisher) => publisher.flush(self.settings.shutdown_timeout),
             Publishers::PerPartition(transactional) => transactional.close(),
         }
-        let leave = lease::leave(&self.pool, &self.instance);
+        let leave = lease::leave(&self.db.pool, &self.instance);
         match tokio::time::timeout(Duration::from_secs(5), leave).await {
             Ok(Ok(())) => info!("partition leases released"),
             Ok(Err(error)) => {
@@ -287,7 +288,7 @@ impl Relay {
         self.release_surplus().await?;
         let mut owned = self.ownership.current();
         if let Publishers::PerPartition(transactional) = &mut self.publisher {
-            owned = transactional.sync(&self.pool, &owned).await;
+            owned = transactional.sync(&self.db.pool, &owned).await;
         }
         self.stats.set_partitions(owned.len());
         if owned.keys().ne(self.last_owned.iter()) {
@@ -297,12 +298,12 @@ impl Relay {
         if owned.is_empty() {
             return Ok(None);
         }
-        let rows = {
-            let mut conn = self.pool.acquire().await?;
-            let limit = i64::from(self.settings.batch_size);
-            let partitions: Vec<i16> = owned.keys().copied().collect();
-            store::fetch(&mut conn, &partitions, limit).await?
-        };
+        let limit = i64::from(self.settings.batch_size);
+        let partitions: Vec<i16> = owned.keys().copied().collect();
+        let rows = self
+            .db
+            .run(async |conn| store::fetch(conn, &partitions, limit).await)
+            .await?;
         tracing::Span::current().record("fetched", rows.len());
         let drained = rows.len() < self.batch_limit();
         if rows.is_empty() {
@@ -350,7 +351,9 @@ impl Relay {
         if surplus.is_empty() {
             return Ok(());
         }
-        lease::release(&self.pool, &self.instance, &surplus).await?;
+        self.db
+            .run(async |conn| lease::release(conn, &self.instance, &surplus).await)
+            .await?;
         self.ownership.released(&surplus);
         let partitions: Vec<i16> = surplus.iter().map(|(p, _)| *p).collect();
         info!(?partitions, "released surplus partitions");
@@ -391,21 +394,22 @@ impl Relay {
         let retry = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_times(5);
-        let deleted = (|| async {
-            let mut conn = self.pool.acquire().await?;
-            let mut deleted = 0;
-            if !delivered.is_empty() {
-                deleted =
-                    store::delete_published(&mut conn, fence, &delivered, self.settings.archive)
-                        .await?;
-            }
-            if !failures.is_empty() {
-                store::record_failures(&mut conn, fence, &failures).await?;
-            }
-            Ok::<u64, sqlx::Error>(deleted)
+        let deleted = (|| {
+            self.db.run(async |conn| {
+                let mut deleted = 0;
+                if !delivered.is_empty() {
+                    deleted =
+                        store::delete_published(conn, fence, &delivered, self.settings.archive)
+                            .await?;
+                }
+                if !failures.is_empty() {
+                    store::record_failures(conn, fence, &failures).await?;
+                }
+                Ok(deleted)
+            })
         })
         .retry(retry)
-        .notify(|error: &sqlx::Error, delay| {
+        .notify(|error: &Error, delay| {
             warn!(%error, ?delay, "could not record the batch outcome; retrying");
         })
         .await?;
@@ -433,15 +437,14 @@ impl Relay {
     /// After a fenced delete: stops publishing the partitions of `owned`
     /// whose leases are no longer this relay's.
     async fn forget_lost(&self, owned: &Owned) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        let held = store::held(
-            &mut conn,
-            Fence {
-                instance: &self.instance,
-                owned,
-            },
-        )
-        .await?;
+        let fence = Fence {
+            instance: &self.instance,
+            owned,
+        };
+        let held = self
+            .db
+            .run(async |conn| store::held(conn, fence).await)
+            .await?;
         let lost: Vec<i16> = owned
             .keys()
             .filter(|p| !held.contains(p))

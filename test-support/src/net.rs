@@ -26,11 +26,15 @@ use tokio::{
 /// Forwards a local port to `target`. While cut, existing connections are
 /// closed and new ones are closed at once. While frozen, connections stay
 /// open but nothing passes either way (a server that hangs, or a network
-/// that drops packets without resets).
+/// that drops packets without resets). [`black_hole`](Self::black_hole)
+/// silences the connections open at that moment for good while new ones
+/// pass (a route that dropped its established flows, a NAT that forgot
+/// them).
 pub struct TcpProxy {
     address: SocketAddr,
     cut: Arc<AtomicBool>,
     frozen: watch::Sender<bool>,
+    generation: watch::Sender<u64>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -45,6 +49,7 @@ impl TcpProxy {
         let address = listener.local_addr()?;
         let cut = Arc::new(AtomicBool::new(false));
         let (frozen, thawed) = watch::channel(false);
+        let (generation, current) = watch::channel(0_u64);
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn({
             let (cut, connections) = (Arc::clone(&cut), Arc::clone(&connections));
@@ -54,7 +59,12 @@ impl TcpProxy {
                         drop(client);
                         continue;
                     }
-                    let task = tokio::spawn(forward(client, target, thawed.clone()));
+                    let lane = Lane {
+                        frozen: thawed.clone(),
+                        generation: current.clone(),
+                        born: *current.borrow(),
+                    };
+                    let task = tokio::spawn(forward(client, target, lane));
                     let mut connections =
                         connections.lock().unwrap_or_else(PoisonError::into_inner);
                     connections.retain(|t| !t.is_finished());
@@ -66,6 +76,7 @@ impl TcpProxy {
             address,
             cut,
             frozen,
+            generation,
             connections,
             accept,
         })
@@ -122,10 +133,39 @@ impl TcpProxy {
     pub fn thaw(&self) {
         self.frozen.send_replace(false);
     }
+
+    /// Stops passing bytes, for good and without closing them, on the
+    /// connections open now; later connections pass.
+    pub fn black_hole(&self) {
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+}
+
+/// What a connection's bytes wait for: the proxy thawed, and no black hole
+/// since the connection was made.
+#[derive(Clone)]
+struct Lane {
+    frozen: watch::Receiver<bool>,
+    generation: watch::Receiver<u64>,
+    born: u64,
+}
+
+impl Lane {
+    /// Whether bytes may pass now; waits while frozen, for ever once
+    /// black-holed. `false` when the proxy is gone.
+    async fn open(&mut self) -> bool {
+        let born = self.born;
+        self.frozen.wait_for(|frozen| !frozen).await.is_ok()
+            && self
+                .generation
+                .wait_for(|generation| *generation == born)
+                .await
+                .is_ok()
+    }
 }
 
 /// Forwards one client connection to `target`, holding bytes while frozen.
-async fn forward(client: TcpStream, target: SocketAddr, frozen: watch::Receiver<bool>) {
+async fn forward(client: TcpStream, target: SocketAddr, frozen: Lane) {
     let Ok(server) = TcpStream::connect(target).await else {
         return;
     };
@@ -138,11 +178,12 @@ async fn forward(client: TcpStream, target: SocketAddr, frozen: watch::Receiver<
     }
 }
 
-/// Copies `from` to `to` until EOF, waiting before each write while frozen.
+/// Copies `from` to `to` until EOF, waiting before each write while the
+/// lane is closed.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
-    mut frozen: watch::Receiver<bool>,
+    mut lane: Lane,
 ) -> std::io::Result<()> {
     let mut buffer = vec![0; 16 * 1024];
     loop {
@@ -150,7 +191,7 @@ async fn pump(
         if read == 0 {
             return Ok(());
         }
-        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+        if !lane.open().await {
             return Ok(()); // the proxy is gone
         }
         to.write_all(&buffer[..read]).await?;
