@@ -645,3 +645,36 @@ broker_test! {
         );
     }
 }
+
+/// `requeue --all` reads the letters a page (100) at a time, so memory
+/// stays bounded however many there are (issue 13 item 9); every page is
+/// requeued, in `failed_at` order, in one transaction, and the letters it
+/// cannot requeue stay without stopping the pages after them.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn requeue_all_goes_through_every_page_in_order(pool: PgPool) {
+    use consign::relay::dead_letters::{Selection, requeue};
+    sqlx::query(
+        "INSERT INTO consign_dead_letters
+             (consumer, message_id, topic, partition, \"offset\", key, payload, error, attempts, failed_at)
+         SELECT 'c', gen_random_uuid(), 't', 0, n,
+                CASE WHEN n = 150 THEN '\\xfffe'::bytea ELSE convert_to('k-' || n, 'UTF8') END,
+                convert_to(n::text, 'UTF8'), 'boom', 1, now() - (300 - n) * interval '1 second'
+         FROM generate_series(1, 250) AS n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let done = requeue(&pool, &Selection::all()).await.unwrap();
+    assert_eq!(done.requeued.len(), 249, "{:?}", done.skipped);
+    assert_eq!(done.skipped.len(), 1);
+    let payloads: Vec<String> =
+        sqlx::query_scalar("SELECT convert_from(payload, 'UTF8') FROM consign_outbox ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<String> = (1..=250)
+        .filter(|n| *n != 150)
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(payloads, expected);
+}

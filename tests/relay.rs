@@ -610,3 +610,104 @@ broker_test! {
         relay.shutdown().await.unwrap();
     }
 }
+
+/// Recording a batch's outcome is one transaction (issue 13 item 9): when
+/// recording a refused row's error fails after the delivered rows'
+/// DELETE, the retry deletes them again instead of finding them gone and
+/// counting them as taken over by another relay ("fenced"), which also made
+/// the relay stop publishing partitions it still held.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_failure_while_recording_a_batch_does_not_count_its_rows_as_fenced(pool: PgPool) {
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("settle-once");
+    broker.create_topic(&topic, 2).await.unwrap();
+    // The first UPDATE of the outbox (recording the refused row's error)
+    // fails once; a sequence, since the failure rolls back anything else.
+    for statement in [
+        "CREATE SEQUENCE fail_once",
+        "CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF nextval('fail_once') = 1 THEN
+                 RAISE EXCEPTION 'injected failure while recording the batch';
+             END IF;
+             RETURN NEW;
+         END $$",
+        "CREATE TRIGGER fail_once BEFORE UPDATE ON consign_outbox
+         FOR EACH ROW EXECUTE FUNCTION fail_once()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let big = Message::new(&topic, "Big", vec![7; 20_000]).with_key("a");
+    let small: Vec<Message> = (0..20)
+        .map(|i| Message::new(&topic, "Small", vec![i]).with_key(format!("b-{i}")))
+        .collect();
+    let mut all = vec![big.clone()];
+    all.extend(small.iter().cloned());
+    enqueue_all(&pool, &all).await;
+
+    let relay = relay(&pool, &broker)
+        .kafka("message.max.bytes", "10000")
+        .build()
+        .unwrap()
+        .spawn();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    reader.read_distinct(20, WAIT).await.unwrap();
+    eventually("the refused row's error to be recorded", WAIT, || async {
+        Ok(row_state(&pool, big.id()).await.filter(|(a, _)| *a >= 1))
+    })
+    .await
+    .unwrap();
+    eventually("only the refused row left", WAIT, || async {
+        Ok((db::outbox_len(&pool).await? == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    let stats = relay.stats();
+    println!("{stats:?}");
+    assert_eq!(
+        stats.fenced, 0,
+        "delivered rows counted as fenced: {stats:?}"
+    );
+    relay.shutdown().await.unwrap();
+}
+
+/// A batch's rows are capped by bytes as well as by count (issue 13 item
+/// 9): six 200 KiB rows with `batch-max-bytes` = 256 KiB go out one per
+/// batch (a batch ends before the row that would pass the cap, and always
+/// has one row), in order, where one batch would otherwise hold them all.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn batches_are_capped_by_bytes(pool: PgPool) {
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("bytes");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let big: Vec<Message> = (0..6u8)
+        .map(|i| Message::new(&topic, "Big", vec![i; 200 << 10]).with_key("k"))
+        .collect();
+    enqueue_all(&pool, &big).await;
+    let relay = relay(&pool, &broker)
+        .settings(RelaySettings {
+            batch_max_bytes: 256 << 10,
+            ..fast_relay_settings()
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    let received = reader.read_distinct(6, WAIT).await.unwrap();
+    let order: Vec<_> = received.iter().map(|r| r.id().unwrap()).collect();
+    let sent: Vec<_> = big.iter().map(Message::id).collect();
+    assert_eq!(order, sent);
+    drained(&pool).await;
+    let stats = eventually("the last batch to be counted", WAIT, || async {
+        let stats = relay.stats();
+        Ok((stats.published == 6).then_some(stats))
+    })
+    .await
+    .unwrap();
+    println!("{stats:?}");
+    assert!(
+        stats.batches >= 6,
+        "more than one big row per batch: {stats:?}"
+    );
+    relay.shutdown().await.unwrap();
+}

@@ -272,8 +272,15 @@ impl InboxLayerBuilder {
     /// Also publish each dead letter to `<topic>.dlq` with this producer,
     /// with the original headers plus `consign-dlq-error`,
     /// `consign-dlq-topic`, `consign-dlq-partition`, `consign-dlq-offset`,
-    /// `consign-dlq-attempts` and `consign-dlq-consumer`. The inbox waits for
-    /// the broker's acknowledgement before it commits the dead letter.
+    /// `consign-dlq-attempts` and `consign-dlq-consumer` (see
+    /// [`headers::dlq`](crate::headers::dlq)). The inbox waits for the
+    /// broker's acknowledgement before it commits the dead letter, so the
+    /// topic never misses a dead letter the table has; the other way round,
+    /// a commit that then fails (or a crash just before it) leaves a copy on
+    /// the topic that the table does not have, and the message's next try
+    /// may publish another: the `.dlq` topic is at least once (deduplicate
+    /// by `consign-id` and `consign-dlq-offset`), the
+    /// `consign_dead_letters` table exact.
     pub fn dead_letter_topic(mut self, producer: FutureProducer) -> Self {
         self.dead_letter_producer = Some(producer);
         self

@@ -262,6 +262,23 @@ fn producer_config(user: &BTreeMap<String, String>) -> Result<ClientConfig> {
             "required: the brokers to connect to, e.g. \"localhost:9092\"",
         ));
     }
+    match user.get("partitioner").map(String::as_str) {
+        Some("random") => {
+            return Err(Error::config(
+                "kafka.partitioner",
+                "\"random\" spreads a key's events over partitions, which breaks per-key order; \
+                 keep the default murmur2_random (Java's partitioner) or another key-hashing one",
+            ));
+        }
+        Some(other) if other != "murmur2_random" => tracing::warn!(
+            property = "partitioner",
+            value = other,
+            "a partitioner other than murmur2_random (Java clients' default) sends keys to other \
+             partitions than other producers of the topic do, and changing it on a live topic \
+             lets a key's events written before and after the change be read out of order"
+        ),
+        _ => {}
+    }
     for (key, safe) in GUARANTEES {
         if let Some(value) = user.get(key).filter(|v| !safe.contains(&v.as_str())) {
             tracing::warn!(
@@ -363,6 +380,12 @@ mod tests {
             error.to_string().contains("kafka.compression.type"),
             "{error}"
         );
+        let error = check_kafka_config(&kafka(("partitioner", "random"))).unwrap_err();
+        assert!(
+            error.to_string().contains("kafka.partitioner") && error.to_string().contains("order"),
+            "{error}"
+        );
+        assert!(check_kafka_config(&kafka(("partitioner", "consistent_random"))).is_ok());
         let error = check_kafka_config(&kafka(("no.such.property", "1"))).unwrap_err();
         assert!(
             error.to_string().contains("kafka.no.such.property"),

@@ -32,6 +32,12 @@ use crate::{Error, Result};
 pub struct RelaySettings {
     /// Rows read and produced per batch. Default 1000; 1 to 100 000.
     pub batch_size: u32,
+    /// Most bytes (payload, key and headers) a batch holds in memory: a
+    /// batch ends before the row that would pass it, but always has at
+    /// least one row. With the outbox's default 900 KiB limit per message,
+    /// 1000 rows could otherwise take almost 1 GiB. Default 16 MiB; 64 KiB
+    /// to 1 GiB.
+    pub batch_max_bytes: u64,
     /// Delay before polling again after a batch that was not full. Doubles
     /// while the outbox stays empty, up to `max-poll-interval`; a wake-up
     /// from the embedding service skips it. Default 10 ms.
@@ -147,6 +153,7 @@ impl RelaySettings {
         let ms = Duration::from_millis;
         let production = Self {
             batch_size: 1000,
+            batch_max_bytes: 16 << 20,
             poll_interval: ms(10),
             max_poll_interval: ms(500),
             retry_min_delay: ms(1000),
@@ -191,6 +198,15 @@ impl RelaySettings {
             return Err(Error::config(
                 "relay.batch-size",
                 format!("must be between 1 and 100000, got {}", self.batch_size),
+            ));
+        }
+        if !(64 << 10..=1 << 30).contains(&self.batch_max_bytes) {
+            return Err(Error::config(
+                "relay.batch-max-bytes",
+                format!(
+                    "must be between 65536 (64 KiB) and 1073741824 (1 GiB), got {}",
+                    self.batch_max_bytes
+                ),
             ));
         }
         let ms = Duration::from_millis;
@@ -972,6 +988,12 @@ url = "postgres://postgres@127.0.0.1:5432/test"
                 r#"batch-size = "many""#,
                 "relay.batch-size",
                 "invalid type",
+            ),
+            (
+                "relay",
+                "batch-max-bytes = 1000",
+                "relay.batch-max-bytes",
+                "between 65536",
             ),
             (
                 "relay",

@@ -221,6 +221,7 @@ pub struct Requeued {
 #[derive(sqlx::FromRow)]
 struct Letter {
     id: i64,
+    failed_at: DateTime<Utc>,
     consumer: String,
     message_id: Option<Uuid>,
     topic: String,
@@ -296,14 +297,48 @@ fn to_row(letter: &Letter) -> Result<Row, String> {
 /// On a database error (nothing is changed then).
 pub async fn requeue(pool: &PgPool, selection: &Selection) -> sqlx::Result<Requeued> {
     let mut tx = pool.begin().await?;
-    let mut query = QueryBuilder::new(
-        "SELECT id, consumer, message_id, topic, key, headers, payload FROM consign_dead_letters",
-    );
-    selection.push_where(&mut query);
-    query.push(" ORDER BY failed_at, id FOR UPDATE");
-    let letters: Vec<Letter> = query.build_query_as().fetch_all(&mut *tx).await?;
     let mut done = Requeued::default();
-    for letter in &letters {
+    // A page at a time, so `--all` over many large letters holds at most
+    // REQUEUE_PAGE of them in memory.
+    let mut after: Option<(DateTime<Utc>, i64)> = None;
+    loop {
+        let mut query = QueryBuilder::new(
+            "SELECT id, failed_at, consumer, message_id, topic, key, headers, payload
+             FROM consign_dead_letters",
+        );
+        selection.push_where(&mut query);
+        if let Some((failed_at, id)) = after {
+            query
+                .push(" AND (failed_at, id) > (")
+                .push_bind(failed_at)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        query
+            .push(" ORDER BY failed_at, id LIMIT ")
+            .push_bind(REQUEUE_PAGE)
+            .push(" FOR UPDATE");
+        let letters: Vec<Letter> = query.build_query_as().fetch_all(&mut *tx).await?;
+        let Some(last) = letters.last() else {
+            break;
+        };
+        after = Some((last.failed_at, last.id));
+        requeue_page(&mut tx, &letters, &mut done).await?;
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Letters read per page by [`requeue`].
+const REQUEUE_PAGE: i64 = 100;
+
+async fn requeue_page(
+    tx: &mut sqlx::PgConnection,
+    letters: &[Letter],
+    done: &mut Requeued,
+) -> sqlx::Result<()> {
+    for letter in letters {
         let row = match to_row(letter) {
             Ok(row) => row,
             Err(reason) => {
@@ -338,8 +373,7 @@ pub async fn requeue(pool: &PgPool, selection: &Selection) -> sqlx::Result<Reque
             .await?;
         done.requeued.push((letter.id, row.id));
     }
-    tx.commit().await?;
-    Ok(done)
+    Ok(())
 }
 
 /// Deletes the selected dead letters. Returns how many.
@@ -361,6 +395,7 @@ mod tests {
     fn letter(key: Option<&[u8]>, headers: Value) -> Letter {
         Letter {
             id: 1,
+            failed_at: Utc::now(),
             consumer: "c".into(),
             message_id: Some(Uuid::now_v7()),
             topic: "t".into(),

@@ -184,14 +184,23 @@ impl Publisher {
         let Some((code, reason)) = self.producer.client().fatal_error() else {
             return Ok(None);
         };
-        self.producer = self.config.create()?;
+        let old = std::mem::replace(&mut self.producer, self.config.create()?);
+        // Dropping it purges, flushes and joins librdkafka's threads: not
+        // on an async worker.
+        tokio::task::spawn_blocking(move || drop(old));
         Ok(Some(format!("{code:?}: {reason}")))
     }
 
-    /// Waits up to `timeout` for messages still queued in the producer.
-    pub(crate) fn flush(&self, timeout: Duration) {
-        if let Err(error) = self.producer.flush(timeout) {
-            tracing::warn!(%error, "producer flush at shutdown did not complete");
+    /// Waits up to `timeout` for messages still queued in the producer, on
+    /// a blocking thread.
+    pub(crate) async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || producer.flush(timeout)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "producer flush at shutdown did not complete");
+            }
+            Err(error) => tracing::warn!(%error, "producer flush task failed"),
         }
     }
 }

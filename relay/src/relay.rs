@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -253,8 +253,8 @@ impl Relay {
     /// so other relays take the partitions over at once.
     async fn leave(&mut self) {
         match &mut self.publisher {
-            Publishers::Shared(publisher) => publisher.flush(self.settings.shutdown_timeout),
-            Publishers::PerPartition(transactional) => transactional.close(),
+            Publishers::Shared(publisher) => publisher.flush(self.settings.shutdown_timeout).await,
+            Publishers::PerPartition(transactional) => transactional.close().await,
         }
         let leave = lease::leave(&self.db.pool, &self.instance);
         match tokio::time::timeout(Duration::from_secs(5), leave).await {
@@ -299,10 +299,11 @@ impl Relay {
             return Ok(None);
         }
         let limit = i64::from(self.settings.batch_size);
+        let max_bytes = i64::try_from(self.settings.batch_max_bytes).unwrap_or(i64::MAX);
         let partitions: Vec<i16> = owned.keys().copied().collect();
         let rows = self
             .db
-            .run(async |conn| store::fetch(conn, &partitions, limit).await)
+            .run(async |conn| store::fetch(conn, &partitions, limit, max_bytes).await)
             .await?;
         tracing::Span::current().record("fetched", rows.len());
         let drained = rows.len() < self.batch_limit();
@@ -394,17 +395,21 @@ impl Relay {
         let retry = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_times(5);
+        // One transaction: a retry after a failure part-way must find the
+        // delivered rows still there, or it would count them as fenced.
         let deleted = (|| {
             self.db.run(async |conn| {
+                let mut tx = conn.begin().await?;
                 let mut deleted = 0;
                 if !delivered.is_empty() {
                     deleted =
-                        store::delete_published(conn, fence, &delivered, self.settings.archive)
+                        store::delete_published(&mut tx, fence, &delivered, self.settings.archive)
                             .await?;
                 }
                 if !failures.is_empty() {
-                    store::record_failures(conn, fence, &failures).await?;
+                    store::record_failures(&mut tx, fence, &failures).await?;
                 }
+                tx.commit().await?;
                 Ok(deleted)
             })
         })

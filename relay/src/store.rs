@@ -11,24 +11,35 @@ use uuid::Uuid;
 /// Reads the next rows to publish from the owned partitions, in `seq` order.
 /// Skips rows waiting for a retry, and every later row of the same topic and
 /// key as a row waiting for a retry, so a key's events never overtake each
-/// other on a topic.
+/// other on a topic. At most $2 rows, and no more bytes than $3 (payload,
+/// key and headers) unless the first row alone is larger.
 const FETCH: &str = "\
 WITH blocked AS (
     SELECT topic, key, min(seq) AS seq
     FROM consign_outbox
     WHERE next_attempt_at > now() AND key IS NOT NULL AND partition = ANY($1)
     GROUP BY topic, key
+), candidates AS (
+    SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
+           o.traceparent, o.tracestate, o.created_at, o.attempts,
+           octet_length(o.payload) + coalesce(octet_length(o.key), 0)
+               + octet_length(o.headers::text) AS size
+    FROM consign_outbox o
+    WHERE o.partition = ANY($1)
+      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+      AND NOT EXISTS (
+          SELECT 1 FROM blocked b WHERE b.key = o.key AND b.topic = o.topic AND b.seq < o.seq
+      )
+    ORDER BY o.seq
+    LIMIT $2
+), running AS (
+    SELECT *, sum(size) OVER (ORDER BY seq) AS upto FROM candidates
 )
-SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
-       o.traceparent, o.tracestate, o.created_at, o.attempts
-FROM consign_outbox o
-WHERE o.partition = ANY($1)
-  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-  AND NOT EXISTS (
-      SELECT 1 FROM blocked b WHERE b.key = o.key AND b.topic = o.topic AND b.seq < o.seq
-  )
-ORDER BY o.seq
-LIMIT $2";
+SELECT seq, id, partition, topic, key, event_type, payload, headers,
+       traceparent, tracestate, created_at, attempts
+FROM running
+WHERE upto <= $3 OR upto = size
+ORDER BY seq";
 
 /// Prefixes a statement with the leases it is fenced by: the partitions
 /// this relay ($1) still holds with the epochs it read its rows under ($2,
@@ -136,10 +147,12 @@ pub(crate) async fn fetch(
     conn: &mut PgConnection,
     partitions: &[i16],
     limit: i64,
+    max_bytes: i64,
 ) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as(FETCH)
         .bind(partitions)
         .bind(limit)
+        .bind(max_bytes)
         .fetch_all(conn)
         .await
 }

@@ -226,8 +226,13 @@ impl Transactional {
     }
 
     /// Drops every producer (no transaction is open between batches).
-    pub(crate) fn close(&mut self) {
-        self.producers.clear();
+    pub(crate) async fn close(&mut self) {
+        // Dropping producers joins librdkafka's threads: not on an async
+        // worker.
+        let producers = std::mem::take(&mut self.producers);
+        if let Err(error) = tokio::task::spawn_blocking(move || drop(producers)).await {
+            tracing::warn!(%error, "closing the transactional producers failed");
+        }
         self.health.keep_stalls_of(std::iter::empty());
     }
 }
