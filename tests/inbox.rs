@@ -559,3 +559,97 @@ async fn consumer_secrets_stay_out_of_debug_and_refusals(pool: PgPool) {
     assert!(!error.to_string().contains(SECRET), "{error}");
     assert!(error.to_string().contains("sasl.jaas.config"), "{error}");
 }
+
+/// A topic deleted and created again (issue 13 item 8): the group's stored
+/// offset now lies past the new partition's end, and consuming from
+/// Kafka's reset position would take the new records for the old ones
+/// (with `MissingId::FromPosition`, the same topic/partition/offset gave
+/// the same id, so they were skipped as duplicates, silently). The
+/// consumer stops instead, naming the topic and what to do; once the
+/// stored offsets are deleted, the new records are handled (their ids
+/// include the record timestamp, so the old dedup records do not match).
+/// Real Kafka only (deleting a topic).
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_topic_created_again_is_not_mistaken_for_the_old_one(pool: PgPool) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let Some(broker) = TestBroker::real().unwrap() else {
+        return;
+    };
+    let topic = setup(&pool, &broker, 1).await;
+    let without_id = |keys: std::ops::Range<u32>| -> Vec<TestMessage> {
+        keys.map(|key| TestMessage {
+            id: None,
+            ..TestMessage::step(key, 0)
+        })
+        .collect()
+    };
+    produce(broker.bootstrap(), &topic, &without_id(0..30))
+        .await
+        .unwrap();
+    let inbox = InboxLayer::builder(pool.clone(), unique_topic("recreated"))
+        .missing_id(MissingId::FromPosition)
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(effects::record);
+    let first = Running::start(&inbox, service.clone(), broker.bootstrap(), &topic);
+    wait_for_effects(&pool, 30).await;
+    first.stop().await;
+
+    // The topic is deleted and created again with 10 new records.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let deleted = admin
+        .delete_topics(&[topic.as_str()], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    eventually("the topic to be created again", WAIT, || async {
+        Ok(broker.create_topic(&topic, 1).await.is_ok().then_some(()))
+    })
+    .await
+    .unwrap();
+    produce(broker.bootstrap(), &topic, &without_id(100..110))
+        .await
+        .unwrap();
+
+    let consumer = || {
+        InboxConsumer::builder(&inbox)
+            .topic(&topic)
+            .kafka("bootstrap.servers", broker.bootstrap())
+            .build()
+            .unwrap()
+    };
+    let ended = tokio::time::timeout(
+        WAIT,
+        consumer().run(service.clone(), CancellationToken::new()),
+    )
+    .await
+    .expect("the consumer went on from a stored offset past the partition's end");
+    let error = ended.expect_err("run ended without an error");
+    println!("{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains(&topic) && text.contains("past the partition's end"),
+        "{text}"
+    );
+    assert_eq!(tally(&pool).await.unwrap().effects, 30);
+
+    // The operator follows the advice; the new records take effect.
+    sqlx::query("DELETE FROM consign_inbox_offsets WHERE consumer_group = $1 AND topic = $2")
+        .bind(inbox.consumer())
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let again = Running::start(&inbox, service, broker.bootstrap(), &topic);
+    wait_for_effects(&pool, 40).await;
+    again.stop().await;
+    let t = tally(&pool).await.unwrap();
+    println!("{t:?}, {:?}", inbox.stats());
+    assert_eq!((t.effects, t.distinct), (40, 40));
+}

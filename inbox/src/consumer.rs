@@ -243,6 +243,8 @@ struct State {
     /// Messages waiting for room in a full worker queue (their partition
     /// is paused meanwhile).
     pending: HashMap<Tp, VecDeque<Received>>,
+    /// Found in a rebalance callback; ends `run`.
+    fatal: Option<ConsumerError>,
 }
 
 struct Ctx {
@@ -269,7 +271,11 @@ impl Ctx {
     /// has removed (Kafka's committed offset may be missing or behind).
     /// Polling stops meanwhile; the workers of other partitions go on.
     /// Returns `false` when shutdown came first (nothing positioned).
-    fn position_at_stored_offsets(&self, tpl: &mut TopicPartitionList) -> bool {
+    fn position_at_stored_offsets(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+    ) -> bool {
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(5))
@@ -314,6 +320,23 @@ impl Ctx {
         let assigned: Vec<Tp> = tp_list(tpl);
         for (topic, partition) in assigned {
             if let Some(&offset) = stored.get(&(topic.as_str(), partition)) {
+                if let Some(end) = Self::end_before(consumer, &topic, partition, offset) {
+                    tracing::error!(
+                        topic,
+                        partition,
+                        stored = offset,
+                        end,
+                        "the stored offset is past the partition's end; stopping"
+                    );
+                    self.state().fatal = Some(ConsumerError::StoredOffsetPastEnd {
+                        group: self.group.clone(),
+                        topic,
+                        partition,
+                        stored: offset,
+                        end,
+                    });
+                    return false;
+                }
                 if let Err(error) =
                     tpl.set_partition_offset(&topic, partition, Offset::Offset(offset))
                 {
@@ -330,6 +353,28 @@ impl Ctx {
             }
         }
         true
+    }
+
+    /// The partition's end (high watermark) when `stored` lies past it:
+    /// the topic was created again or its log truncated, since an offset
+    /// is stored only after its record was read. `None` when it does not,
+    /// or when the broker cannot say (logged; consumption goes on).
+    fn end_before(
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+        stored: i64,
+    ) -> Option<i64> {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((_, end)) => (stored > end).then_some(end),
+            Err(error) => {
+                tracing::warn!(
+                    %error, topic, partition,
+                    "cannot read the partition's end to check the stored offset against it"
+                );
+                None
+            }
+        }
     }
 
     /// Stops the workers of `partitions`: each finishes its batch in flight
@@ -403,7 +448,7 @@ impl ConsumerContext for Ctx {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let positioned = self.position_at_stored_offsets(tpl);
+                let positioned = self.position_at_stored_offsets(consumer, tpl);
                 self.state().assigned.extend(tp_list(tpl));
                 let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
@@ -418,7 +463,8 @@ impl ConsumerContext for Ctx {
                     // the revocation; start it afresh.
                     assigned.and_then(|()| consumer.resume(tpl))
                 } else {
-                    // Shutting down: consume nothing from an unknown position.
+                    // Shutting down, or stopping on a stored offset past the
+                    // end: consume nothing from an unknown position.
                     assigned.and_then(|()| consumer.pause(tpl))
                 }
             }
@@ -513,7 +559,11 @@ where
         if let Err(e) = feed_pending(&consumer) {
             break Err(e);
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(fatal) = consumer.context().state().fatal.take() {
+            break Err(fatal);
+        }
+        match polled {
             None => {}
             Some(Err(error)) => {
                 if let Some(stop) = lasting(&consumer, &error) {

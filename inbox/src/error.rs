@@ -47,6 +47,29 @@ pub enum ConsumerError {
     #[error("kafka consumer failed for good: {0}")]
     Fatal(String),
 
+    /// The offset stored for a partition lies past the partition's end: the
+    /// topic was deleted and created again (or its log was truncated).
+    /// Consuming from there would skip the new records, so the consumer
+    /// stops instead.
+    #[error(
+        "the offset stored for {topic}/{partition} ({stored}) is past the partition's end \
+         ({end}): the topic was deleted and created again, or its log truncated. Check, then \
+         delete the stored offsets of the topic (DELETE FROM consign_inbox_offsets WHERE \
+         consumer_group = '{group}' AND topic = '{topic}') and start again"
+    )]
+    StoredOffsetPastEnd {
+        /// The consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// The offset stored in the database.
+        stored: i64,
+        /// The partition's high watermark.
+        end: i64,
+    },
+
     /// A partition worker stopped unexpectedly; the consumer stopped so that
     /// no message is skipped (restarting resumes from the stored offsets).
     #[error("partition worker for {topic}/{partition} stopped unexpectedly: {reason}")]

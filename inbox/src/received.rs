@@ -138,11 +138,16 @@ impl Received {
     }
 
     /// An id derived from where the message sits (topic, partition,
-    /// offset): the same for every redelivery of this record, different
-    /// for a record produced twice.
+    /// offset) and its timestamp: the same for every redelivery of this
+    /// record, different for a record produced twice, and different for a
+    /// new record at the same offset of a topic deleted and created again
+    /// (its timestamp differs), so it is not taken for the old one.
     #[must_use]
     pub fn position_id(&self) -> Uuid {
-        let name = format!("{}/{}/{}", self.topic, self.partition, self.offset);
+        let name = match self.timestamp_millis {
+            Some(millis) => format!("{}/{}/{}@{millis}", self.topic, self.partition, self.offset),
+            None => format!("{}/{}/{}", self.topic, self.partition, self.offset),
+        };
         Uuid::new_v5(&POSITION_NAMESPACE, name.as_bytes())
     }
 
@@ -191,6 +196,13 @@ mod tests {
         assert_eq!(a.position_id(), Received::new("t", 1, 7).position_id());
         assert_ne!(a.position_id(), Received::new("t", 1, 8).position_id());
         assert_ne!(a.position_id(), Received::new("t", 2, 7).position_id());
+        // A record of a topic created again, at the same offset.
+        let stamped = |millis| Received {
+            timestamp_millis: Some(millis),
+            ..Received::new("t", 1, 7)
+        };
+        assert_eq!(stamped(5).position_id(), stamped(5).position_id());
+        assert_ne!(stamped(5).position_id(), stamped(6).position_id());
     }
 
     #[test]
