@@ -193,3 +193,202 @@ async fn a_requeued_dead_letter_is_handled_only_by_the_consumer_it_names(pool: P
     assert_eq!(handled, Outcome::Handled);
     assert_eq!(tally(&pool).await.unwrap().effects, 2);
 }
+
+/// A handler that counts its calls and records effects; what it does with
+/// a message depends on the step's `n`.
+#[derive(Clone, Default)]
+struct Scripted {
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Steps with `n == FAILS_ONCE` fail on their first call only.
+    failed_once: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+const FAILS_ONCE: u32 = 500;
+const REJECTED: u32 = 501;
+const PANICS: u32 = 502;
+const KEEPS_DELIVERY: u32 = 503;
+
+impl Scripted {
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn service(
+        &self,
+    ) -> impl tower::Service<
+        Delivery,
+        Response = (),
+        Error = BoxError,
+        Future = impl Future<Output = Result<(), BoxError>> + Send,
+    > + Clone
+    + Send
+    + 'static {
+        let script = self.clone();
+        service_fn(move |mut delivery: Delivery| {
+            let script = script.clone();
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                script.calls.fetch_add(1, SeqCst);
+                let step: effects::Step = delivery.json()?;
+                match step.n {
+                    FAILS_ONCE if !script.failed_once.swap(true, SeqCst) => {
+                        return Err("the inventory service is down".into());
+                    }
+                    REJECTED => return Err(delivery.reject("no such product").into()),
+                    PANICS => panic!("unexpected state"),
+                    KEEPS_DELIVERY => {
+                        // Kept just past the inbox's 5 s wait for it
+                        // (its uncommitted dedup record holds the next try
+                        // back until then).
+                        tokio::spawn(async move {
+                            let _kept = delivery;
+                            tokio::time::sleep(Duration::from_secs(6)).await;
+                        });
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+                effects::record(delivery).await
+            }
+        })
+    }
+}
+
+fn one(topic: &str, offset: i64, key: u32, n: u32) -> Received {
+    received(topic, offset, &TestMessage::step(key, n))
+}
+
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_duplicate_is_skipped_without_calling_the_handler(pool: PgPool) {
+    setup(&pool).await;
+    let topic = unique_topic("duplicate");
+    let script = Scripted::default();
+    let service = inbox(&pool).layer(script.service());
+    let message = one(&topic, 0, 1, 1);
+    let first = ServiceExt::<Received>::oneshot(service.clone(), message.clone())
+        .await
+        .unwrap();
+    let again = ServiceExt::<Received>::oneshot(service.clone(), message.clone())
+        .await
+        .unwrap();
+    let in_batch = ServiceExt::<Vec<Received>>::oneshot(service, vec![message.clone(), message])
+        .await
+        .unwrap();
+    assert_eq!((first, again), (Outcome::Handled, Outcome::Duplicate));
+    assert_eq!(in_batch.duplicates, 2, "{in_batch:?}");
+    assert_eq!(script.calls(), 1);
+    assert_eq!(tally(&pool).await.unwrap().effects, 1);
+}
+
+/// A batch runs in one transaction while every handler succeeds; when one
+/// fails, the whole batch rolls back and is redone one message at a time,
+/// so the messages before it take effect once, not twice.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_failing_batch_is_redone_one_message_at_a_time(pool: PgPool) {
+    setup(&pool).await;
+    let topic = unique_topic("fallback");
+    let script = Scripted::default();
+    let service = inbox(&pool).layer(script.service());
+    let batch = vec![
+        one(&topic, 0, 1, 1),
+        one(&topic, 1, 2, FAILS_ONCE),
+        one(&topic, 2, 3, 1),
+    ];
+    let outcome = ServiceExt::<Vec<Received>>::oneshot(service, batch)
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome.handled, outcome.failed_attempts),
+        (3, 1),
+        "{outcome:?}"
+    );
+    // 2 calls in the batch (the second failed), then 3 one at a time.
+    assert_eq!(script.calls(), 5);
+    let t = tally(&pool).await.unwrap();
+    assert_eq!((t.effects, t.distinct), (3, 3), "{t:?}");
+}
+
+/// A rejected message is dead-lettered at once with its reason; a
+/// panicking handler is retried per the policy, then dead-lettered with
+/// the panic's message; the other messages of the batch take effect.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn poison_and_panics_are_dead_lettered_with_their_reason(pool: PgPool) {
+    setup(&pool).await;
+    let topic = unique_topic("poison");
+    let script = Scripted::default();
+    let layer = inbox(&pool);
+    let service = layer.layer(script.service());
+    let batch = vec![
+        one(&topic, 0, 1, 1),
+        one(&topic, 1, 2, REJECTED),
+        one(&topic, 2, 3, PANICS),
+        one(&topic, 3, 4, 1),
+    ];
+    let outcome = ServiceExt::<Vec<Received>>::oneshot(service, batch)
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome.handled, outcome.dead_lettered),
+        (2, 2),
+        "{outcome:?}"
+    );
+    let dead = dead_letter_reasons(&pool).await;
+    println!("{dead:#?}");
+    assert_eq!(dead[0], (1, "no such product".to_owned()));
+    assert_eq!(dead[1].0, 2);
+    assert!(
+        dead[1].1.contains("gave up after 2 attempts") && dead[1].1.contains("unexpected state"),
+        "{}",
+        dead[1].1
+    );
+    assert_eq!(tally(&pool).await.unwrap().effects, 2);
+    assert_eq!(layer.stats().dead_lettered, 2);
+}
+
+/// A handler that moves its `Delivery` into a task and returns: the inbox
+/// cannot commit a transaction it does not have back, so the attempt fails
+/// (after 5 s), saying why, and the message ends in the dead letters.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_handler_that_keeps_its_delivery_fails_saying_so(pool: PgPool) {
+    setup(&pool).await;
+    let topic = unique_topic("kept");
+    let script = Scripted::default();
+    let service = inbox(&pool).layer(script.service());
+    let outcome = ServiceExt::<Received>::oneshot(service, one(&topic, 0, 1, KEEPS_DELIVERY))
+        .await
+        .unwrap();
+    let Outcome::DeadLettered { reason } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(reason.contains("kept its Delivery"), "{reason}");
+}
+
+/// The inbox is ready when its handler is: it passes the handler's
+/// readiness (and its errors) on, as tower's middleware do.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn readiness_is_the_handlers(pool: PgPool) {
+    #[derive(Clone)]
+    struct Closed;
+    impl tower::Service<Delivery> for Closed {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Err("the handler's connection pool is closed".into()))
+        }
+        fn call(&mut self, _: Delivery) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+    let mut service = inbox(&pool).layer(Closed);
+    let error = ServiceExt::<Received>::ready(&mut service)
+        .await
+        .err()
+        .expect("ready although the handler is not");
+    assert!(error.to_string().contains("pool is closed"), "{error}");
+    let _: &Closed = service.get_ref();
+    let _: Closed = service.into_inner();
+}

@@ -114,6 +114,42 @@ impl<S> InboxService<S> {
     pub fn consumer(&self) -> &str {
         &self.shared.consumer
     }
+
+    /// The wrapped handler service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped handler service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped handler service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Takes the instance `poll_ready` made ready, leaving a clone in its
+    /// place (tower's pattern for services that clone into their futures).
+    fn take_ready(&mut self) -> S
+    where
+        S: Clone,
+    {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+}
+
+/// Readiness of the handler service, as an [`InboxError`].
+fn poll_inner<S>(inner: &mut S, cx: &mut Context<'_>) -> Poll<Result<(), InboxError>>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    inner
+        .poll_ready(cx)
+        .map_err(|error| InboxError::Service(error.into()))
 }
 
 impl<S> Service<Received> for InboxService<S>
@@ -126,14 +162,15 @@ where
     type Error = InboxError;
     type Future = BoxFuture<'static, Result<Outcome, InboxError>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The inner service's readiness is awaited before each call of it.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is also awaited before each further call of the handler
+        // (retries, the messages of a batch).
+        poll_inner(&mut self.inner, cx)
     }
 
     fn call(&mut self, message: Received) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        let mut inner = self.inner.clone();
+        let mut inner = self.take_ready();
         Box::pin(async move {
             let id = resolve_id(&shared, &message);
             let (outcome, _) =
@@ -153,13 +190,13 @@ where
     type Error = InboxError;
     type Future = BoxFuture<'static, Result<BatchOutcome, InboxError>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        poll_inner(&mut self.inner, cx)
     }
 
     fn call(&mut self, batch: Vec<Received>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        let mut inner = self.inner.clone();
+        let mut inner = self.take_ready();
         Box::pin(async move { process_batch(&shared, &mut inner, batch).await })
     }
 }
