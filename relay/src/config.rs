@@ -12,8 +12,11 @@
 //! `Debug` output or in [`Config::redacted`], which is what
 //! `consign-relay config show` prints.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
+#[cfg(feature = "cli")]
+use std::path::Path;
+use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
+#[cfg(feature = "cli")]
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
@@ -656,10 +659,12 @@ impl Config {
     /// [`Error::ConfigSource`] if the file is missing or unreadable,
     /// [`Error::Config`] naming a field of the wrong type, an unknown field
     /// or an unknown profile.
+    #[cfg(feature = "cli")]
     pub fn load(file: Option<&Path>, profile: Option<Profile>) -> Result<Self> {
         Self::load_from(Self::sources(file, true)?, profile)
     }
 
+    #[cfg(feature = "cli")]
     fn load_from(sources: Figment, profile: Option<Profile>) -> Result<Self> {
         let profile = match profile {
             Some(profile) => profile,
@@ -684,6 +689,7 @@ impl Config {
     }
 
     /// The file and (if `env`) the environment, without defaults.
+    #[cfg(feature = "cli")]
     fn sources(file: Option<&Path>, env: bool) -> Result<Figment> {
         let mut figment = Figment::new();
         if let Some(file) = file {
@@ -757,6 +763,7 @@ impl Config {
     }
 
     /// The effective configuration as TOML, secrets redacted.
+    #[cfg(feature = "cli")]
     #[must_use]
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(&self.redacted()).expect("the configuration serializes to TOML")
@@ -810,12 +817,15 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// `RELAY.BATCH_SIZE` -> `relay.batch-size`.
+#[cfg(feature = "cli")]
 fn env_key(key: &str) -> String {
     key.to_ascii_lowercase().replace('_', "-")
 }
 
+#[cfg(feature = "cli")]
 const KAFKA_ENV: &str = "KAFKA__";
 
+#[cfg(feature = "cli")]
 fn is_kafka_env(key: &str) -> bool {
     key.get(..KAFKA_ENV.len())
         .is_some_and(|head| head.eq_ignore_ascii_case(KAFKA_ENV))
@@ -824,6 +834,7 @@ fn is_kafka_env(key: &str) -> bool {
 /// The `[kafka]` entries of `CONSIGN_KAFKA__<PROPERTY>` variables, `_` in the
 /// property standing for `.`: `CONSIGN_KAFKA__BOOTSTRAP_SERVERS` ->
 /// `bootstrap.servers`. Values stay strings, as librdkafka takes them.
+#[cfg(feature = "cli")]
 fn kafka_from_env(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<String, String> {
     vars.filter_map(|(name, value)| {
         let key = name
@@ -838,6 +849,7 @@ fn kafka_from_env(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<Stri
     .collect()
 }
 
+#[cfg(feature = "cli")]
 fn figment_error(error: &figment::Error) -> Error {
     let field = error.path.join(".");
     let source = error
@@ -855,7 +867,7 @@ fn figment_error(error: &figment::Error) -> Error {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
 

@@ -48,10 +48,19 @@
 //! `consign-relay migrate` creates the tables, `consign-relay run` publishes
 //! until SIGTERM, `consign-relay status` shows relays, leases and backlog. Configuration: [`Config`] and `reference.toml`.
 //!
+//! # Features
+//! `cli` (default): the binary's parts, the `cli` and `admin` modules,
+//! [`Config::load`] and `metrics::install_prometheus`, with clap, figment,
+//! axum and the Prometheus exporter. A service that embeds the relay can
+//! depend on `consign-relay` with `default-features = false` and compile
+//! none of them.
+//!
 //! [consign]: https://github.com/consign-rs/consign
 
+#[cfg(feature = "cli")]
 pub mod admin;
 mod builder;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod dead_letters;

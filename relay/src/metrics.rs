@@ -10,6 +10,7 @@
 //! [`RelayBuilder::sample_interval`]: crate::RelayBuilder::sample_interval
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+#[cfg(feature = "cli")]
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rdkafka::error::KafkaError;
 
@@ -93,6 +94,7 @@ pub fn describe() {
 ///
 /// # Errors
 /// If a global recorder is already installed.
+#[cfg(feature = "cli")]
 pub fn install_prometheus() -> Result<PrometheusHandle, String> {
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
