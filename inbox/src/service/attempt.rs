@@ -1,0 +1,131 @@
+//! One call of the handler in a transaction, and what its failures mean.
+
+use super::*;
+
+/// A failed handler attempt.
+pub(super) struct Failure {
+    pub(super) attempts: u32,
+    pub(super) reason: String,
+    /// Retrying cannot help (undecodable, rejected).
+    pub(super) poison: bool,
+}
+
+pub(super) enum Attempt {
+    Succeeded(Transaction<'static, Postgres>),
+    Failed {
+        tx: Option<Transaction<'static, Postgres>>,
+        reason: String,
+        poison: bool,
+    },
+}
+
+/// Calls the handler once with `tx`, catching panics, and takes the
+/// transaction back.
+pub(super) async fn attempt<S>(
+    shared: &Shared,
+    inner: &mut S,
+    message: &Arc<Received>,
+    id: Uuid,
+    number: u32,
+    tx: Transaction<'static, Postgres>,
+) -> Result<Attempt, InboxError>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    let ready = ServiceExt::<Delivery>::ready(inner)
+        .await
+        .map_err(|e| InboxError::Service(e.into()))?;
+    let (delivery, back) = Delivery::new(Arc::clone(message), id, number, tx);
+    let started = std::time::Instant::now();
+    let span = crate::trace::handler_span(&shared.consumer, message, id, number);
+    let call = span.in_scope(|| ready.call(delivery)).instrument(span);
+    let result: Result<Option<BoxError>, String> = match AssertUnwindSafe(call).catch_unwind().await
+    {
+        Ok(Ok(_)) => Ok(None),
+        Ok(Err(error)) => Ok(Some(error.into())),
+        Err(panic) => Err(panic_message(&*panic)),
+    };
+    let consumer = shared.consumer.clone();
+    metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => consumer)
+        .record(started.elapsed().as_secs_f64());
+    let returned = tokio::time::timeout(DELIVERY_RETURN_TIMEOUT, back)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let Some(returned) = returned else {
+        return Ok(Attempt::Failed {
+            tx: None,
+            reason: "the handler kept its Delivery after returning, so its transaction \
+                     could not be committed; do not move the Delivery into spawned tasks"
+                .into(),
+            poison: false,
+        });
+    };
+    Ok(match result {
+        Ok(None) => Attempt::Succeeded(returned.tx),
+        Ok(Some(error)) => {
+            let poison =
+                returned.poison.is_some() || error.is::<DecodeError>() || error.is::<Rejected>();
+            Attempt::Failed {
+                tx: Some(returned.tx),
+                reason: returned.poison.unwrap_or_else(|| error_chain(&*error)),
+                poison,
+            }
+        }
+        Err(panic) => Attempt::Failed {
+            tx: Some(returned.tx),
+            reason: format!("handler panicked: {panic}"),
+            poison: false,
+        },
+    })
+}
+
+pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+pub(super) async fn rollback(tx: Transaction<'static, Postgres>) {
+    if let Err(error) = tx.rollback().await {
+        // The connection is discarded; nothing was committed.
+        tracing::debug!(%error, "rollback failed");
+    }
+}
+
+/// The reason to give when the transaction of handlers that all returned
+/// `Ok` could not be settled because of what they did in it: a deferred
+/// constraint they broke, an SQL error they swallowed (PostgreSQL then
+/// refuses every statement until rollback), a serialization failure or
+/// deadlock. `None` when the database itself failed (connection lost,
+/// shutdown, out of resources): that is the inbox's error, and nothing of
+/// the message is at fault.
+pub(super) fn refused_by_the_database(error: &InboxError) -> Option<String> {
+    let InboxError::Database(sqlx::Error::Database(database)) = error else {
+        return None;
+    };
+    let code = database.code()?;
+    let caused_by_the_writes = matches!(&code[..2], "22" | "23" | "P0")
+        || matches!(&*code, "25P02" | "40001" | "40002" | "40P01");
+    caused_by_the_writes.then(|| {
+        format!(
+            "the handler returned Ok but its transaction could not be committed: \
+             {} (SQLSTATE {code})",
+            database.message()
+        )
+    })
+}
