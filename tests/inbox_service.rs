@@ -392,3 +392,39 @@ async fn readiness_is_the_handlers(pool: PgPool) {
     let _: &Closed = service.get_ref();
     let _: Closed = service.into_inner();
 }
+
+/// A handler that swallows an SQL error poisons the batch's transaction:
+/// the next handler's statements fail (25P02). That failure is not charged
+/// to the next message, which, redone alone, succeeds, even when the
+/// policy allows a single attempt.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_message_after_a_swallowed_error_is_not_blamed_for_it(pool: PgPool) {
+    setup(&pool).await;
+    let topic = unique_topic("blame");
+    let layer = InboxLayer::builder(pool.clone(), unique_topic("blame"))
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            min_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(10),
+        })
+        .build();
+    let batch = vec![
+        received(&topic, 0, &TestMessage::step(1, SWALLOWS_SQL_ERROR)),
+        received(&topic, 1, &TestMessage::step(2, 1)),
+    ];
+    let outcome = ServiceExt::<Vec<Received>>::oneshot(layer.layer(service_fn(handler)), batch)
+        .await
+        .unwrap();
+    println!("{outcome:?} {:#?}", dead_letter_reasons(&pool).await);
+    assert_eq!(
+        (outcome.handled, outcome.dead_lettered),
+        (1, 1),
+        "{outcome:?}"
+    );
+    let dead = dead_letter_reasons(&pool).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].0, 0,
+        "the message that swallowed the error is the one dead-lettered"
+    );
+}

@@ -115,6 +115,12 @@ impl RelayBuilder {
     /// `statement_timeout` cannot. Keep it above the pool's
     /// `statement_timeout`; the `consign-relay` binary sets it to
     /// `database.statement-timeout` + 5 s. Default 35 s; 1 s to 1 hour.
+    ///
+    /// Closing a silent connection does not end its server session at
+    /// once: give the pool's sessions an `idle_in_transaction_session_timeout`
+    /// (the binary sets twice the statement timeout), or a transaction the
+    /// relay abandoned keeps its lease locks until the server's TCP
+    /// keepalive notices, which blocks this relay's renewals meanwhile.
     pub fn database_deadline(mut self, deadline: Duration) -> Self {
         self.database_deadline = deadline;
         self

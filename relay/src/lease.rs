@@ -435,9 +435,9 @@ pub(crate) async fn leave(pool: &PgPool, instance: &str) -> sqlx::Result<()> {
 }
 
 /// The id naming this outbox (default prefix of transactional ids).
-pub(crate) async fn outbox_id(pool: &PgPool) -> sqlx::Result<uuid::Uuid> {
+pub(crate) async fn outbox_id(conn: &mut PgConnection) -> sqlx::Result<uuid::Uuid> {
     sqlx::query_scalar("SELECT outbox_id FROM consign_outbox_identity")
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await
 }
 

@@ -288,7 +288,7 @@ impl Relay {
         self.release_surplus().await?;
         let mut owned = self.ownership.current();
         if let Publishers::PerPartition(transactional) = &mut self.publisher {
-            owned = transactional.sync(&self.db.pool, &owned).await;
+            owned = transactional.sync(&self.db, &owned).await;
         }
         self.stats.set_partitions(owned.len());
         if owned.keys().ne(self.last_owned.iter()) {
@@ -418,17 +418,29 @@ impl Relay {
             warn!(%error, ?delay, "could not record the batch outcome; retrying");
         })
         .await?;
-        let kept = delivered.len()
+        let missing = delivered.len()
             - usize::try_from(deleted)
                 .unwrap_or(usize::MAX)
                 .min(delivered.len());
-        if kept > 0 {
-            self.stats.record_fenced(kept);
-            self.forget_lost(owned).await?;
-            warn!(
-                kept,
-                "acknowledged rows not deleted: their partitions are leased by another relay now, which sends them again (duplicates)"
-            );
+        if missing > 0 {
+            // Rows of partitions another relay leases now were kept for it;
+            // rows of partitions still held were deleted already (a retry
+            // after a commit whose answer was lost), not fenced.
+            let lost = self.forget_lost(owned).await?;
+            let kept = rows
+                .iter()
+                .zip(outcomes)
+                .filter(|(row, outcome)| {
+                    matches!(outcome, Outcome::Delivered) && lost.contains(&row.partition)
+                })
+                .count();
+            if kept > 0 {
+                self.stats.record_fenced(kept);
+                warn!(
+                    kept,
+                    "acknowledged rows not deleted: their partitions are leased by another relay now, which sends them again (duplicates)"
+                );
+            }
         }
         self.stats.record_batch(delivered.len(), failures.len());
         log_failures(&failures, rows);
@@ -441,7 +453,8 @@ impl Relay {
 
     /// After a fenced delete: stops publishing the partitions of `owned`
     /// whose leases are no longer this relay's.
-    async fn forget_lost(&self, owned: &Owned) -> Result<()> {
+    /// Returns those partitions.
+    async fn forget_lost(&self, owned: &Owned) -> Result<Vec<i16>> {
         let fence = Fence {
             instance: &self.instance,
             owned,
@@ -459,7 +472,7 @@ impl Relay {
             warn!(partitions = ?lost, "partition leases were taken over; stopped publishing them");
             self.ownership.forget(&lost);
         }
-        Ok(())
+        Ok(lost)
     }
 
     /// The failure to record for `row`, with its next retry time.

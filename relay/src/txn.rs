@@ -17,11 +17,11 @@ use rdkafka::{
     error::{KafkaError, KafkaResult, RDKafkaError},
     producer::{FutureProducer, Producer, PurgeConfig},
 };
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    deadline::Db,
     health::Health,
     lease::{self, Owned},
     publish::{Outcome, Publisher},
@@ -70,7 +70,7 @@ impl Transactional {
     /// Drops the producers of partitions no longer held (or held under a new
     /// epoch) and initializes producers for newly held ones. Returns the
     /// partitions ready to publish.
-    pub(crate) async fn sync(&mut self, pool: &PgPool, owned: &Owned) -> Owned {
+    pub(crate) async fn sync(&mut self, db: &Db, owned: &Owned) -> Owned {
         let gone: Vec<i16> = self
             .producers
             .iter()
@@ -87,7 +87,7 @@ impl Transactional {
             .map(|(p, e)| (*p, *e))
             .collect();
         if !new.is_empty() {
-            match self.prefix(pool).await {
+            match self.prefix(db).await {
                 Ok(prefix) => self.start(&prefix, &new).await,
                 Err(error) => {
                     warn!(%error, "cannot read the outbox id for the transactional ids; retrying");
@@ -104,11 +104,12 @@ impl Transactional {
             .collect()
     }
 
-    async fn prefix(&mut self, pool: &PgPool) -> sqlx::Result<String> {
+    async fn prefix(&mut self, db: &Db) -> crate::Result<String> {
         if let Some(prefix) = &self.prefix {
             return Ok(prefix.clone());
         }
-        let prefix = format!("consign-{}", lease::outbox_id(pool).await?.simple());
+        let id = db.run(async |conn| lease::outbox_id(conn).await).await?;
+        let prefix = format!("consign-{}", id.simple());
         self.prefix = Some(prefix.clone());
         Ok(prefix)
     }

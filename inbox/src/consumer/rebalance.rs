@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long one read of the stored offsets may take.
+const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 pub(super) struct State {
     pub(super) assigned: HashSet<Tp>,
@@ -50,10 +53,23 @@ impl Ctx {
             .build();
         let mut failures = 0_u32;
         let stored = loop {
-            match self
-                .handle
-                .block_on(store::stored_offsets(&self.pool, &self.group, &self.topics))
-            {
+            // Bounded, and left at shutdown: a database gone silent must not
+            // hold the poll thread.
+            let read = self.handle.block_on(async {
+                tokio::select! {
+                    read = tokio::time::timeout(
+                        STORED_OFFSETS_TIMEOUT,
+                        store::stored_offsets(&self.pool, &self.group, &self.topics),
+                    ) => Some(read),
+                    () = self.shutdown.cancelled() => None,
+                }
+            });
+            let read = match read {
+                None => return false,
+                Some(Ok(read)) => read.map_err(|error| error.to_string()),
+                Some(Err(_)) => Err(format!("no answer within {STORED_OFFSETS_TIMEOUT:?}")),
+            };
+            match read {
                 Ok(stored) => break stored,
                 Err(error) => {
                     failures += 1;

@@ -16,6 +16,10 @@ pub(super) enum Attempt {
         tx: Option<Transaction<'static, Postgres>>,
         reason: String,
         poison: bool,
+        /// The handler's statements were refused because an earlier
+        /// statement of the transaction had failed (SQLSTATE 25P02): in a
+        /// batch, the fault may be an earlier message's.
+        after_earlier_error: bool,
     },
 }
 
@@ -60,6 +64,7 @@ where
                      could not be committed; do not move the Delivery into spawned tasks"
                 .into(),
             poison: false,
+            after_earlier_error: false,
         });
     };
     Ok(match result {
@@ -69,6 +74,7 @@ where
                 returned.poison.is_some() || error.is::<DecodeError>() || error.is::<Rejected>();
             Attempt::Failed {
                 tx: Some(returned.tx),
+                after_earlier_error: !poison && in_failed_transaction(&*error),
                 reason: returned.poison.unwrap_or_else(|| error_chain(&*error)),
                 poison,
             }
@@ -77,8 +83,24 @@ where
             tx: Some(returned.tx),
             reason: format!("handler panicked: {panic}"),
             poison: false,
+            after_earlier_error: false,
         },
     })
+}
+
+/// Whether `error` (or a cause of it) is PostgreSQL refusing a statement
+/// because the transaction had already failed (SQLSTATE 25P02).
+fn in_failed_transaction(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(sqlx::Error::Database(database)) = error.downcast_ref::<sqlx::Error>()
+            && database.code().as_deref() == Some("25P02")
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
@@ -119,9 +141,13 @@ pub(super) fn refused_by_the_database(error: &InboxError) -> Option<String> {
         return None;
     };
     let code = database.code()?;
-    let caused_by_the_writes = matches!(&code[..2], "22" | "23" | "P0")
-        || matches!(&*code, "25P02" | "40001" | "40002" | "40P01");
-    caused_by_the_writes.then(|| {
+    // The server answered: the transaction's content is at fault unless the
+    // answer is about the server or the connection (connection exceptions,
+    // insufficient resources, shutdown, statement timeout, system errors,
+    // a read-only server after a failover).
+    let infrastructure = matches!(&code[..2], "08" | "53" | "58")
+        || matches!(&*code, "57P01" | "57P02" | "57P03" | "57014" | "25006");
+    (!infrastructure).then(|| {
         format!(
             "the handler returned Ok but its transaction could not be committed: \
              {} (SQLSTATE {code})",

@@ -84,11 +84,21 @@ where
                     tx: back,
                     reason,
                     poison,
+                    after_earlier_error,
                 } => {
                     if let Some(back) = back {
                         rollback(back).await;
                     }
                     shared.count(Counted::FailedAttempt, 1);
+                    if after_earlier_error {
+                        // An earlier handler of the batch swallowed an SQL
+                        // error; redone alone, each message shows its own.
+                        tracing::warn!(
+                            consumer = %shared.consumer, %reason,
+                            "the batch's transaction had failed earlier; redoing it one message at a time"
+                        );
+                        return Ok(Err(None));
+                    }
                     tracing::warn!(
                         consumer = %shared.consumer, topic = %message.topic,
                         partition = message.partition, offset = message.offset,

@@ -28,7 +28,12 @@ pub(super) async fn publish_dead_letter(
 ) -> Result<(), InboxError> {
     let topic = format!("{}.dlq", message.topic);
     let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 6);
-    for (name, value) in &message.headers {
+    // A requeue's addressee is not the `.dlq` topic's readers'.
+    for (name, value) in message
+        .headers
+        .iter()
+        .filter(|(name, _)| name != headers::REQUEUED_FOR)
+    {
         headers = headers.insert(Header {
             key: name,
             value: value.as_deref(),

@@ -62,7 +62,9 @@ where
                     None => return Err(error),
                 },
             },
-            Attempt::Failed { tx, reason, poison } => {
+            Attempt::Failed {
+                tx, reason, poison, ..
+            } => {
                 if let Some(tx) = tx {
                     rollback(tx).await;
                 }
