@@ -124,18 +124,7 @@ broker_test! {
         // Mid-stream a migration-like lock holds the outbox: the relay's next
         // read (within one poll interval) waits on it. Then its connections go
         // silent as well (lease upkeep, health checks, the final release).
-        let lock = db::lock_outbox(&pool).await.unwrap();
-        eventually("the relay's read waits on the lock", WAIT, || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&pool)
-            .await?;
-            Ok((waiting > 0).then_some(()))
-        })
-        .await
-        .unwrap();
+        let lock = lock_outbox_under_the_relay(&pool).await;
         proxy.freeze();
         let stopping = std::time::Instant::now();
         relay.stop(Duration::from_secs(40)).await.unwrap();
@@ -179,18 +168,7 @@ broker_test! {
             relay_mid_stream(&pool, broker.bootstrap(), &topic, &config, 2000, 30).await;
         // Catch the relay with a query in flight (waiting on a lock), then
         // silence its connections: the answer never reaches it.
-        let lock = db::lock_outbox(&pool).await.unwrap();
-        eventually("the relay's read waits on the lock", WAIT, || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&pool)
-            .await?;
-            Ok((waiting > 0).then_some(()))
-        })
-        .await
-        .unwrap();
+        let lock = lock_outbox_under_the_relay(&pool).await;
         proxy.black_hole();
         let silenced = std::time::Instant::now();
         lock.rollback().await.unwrap();
@@ -260,6 +238,24 @@ broker_test! {
 /// Starts a writer of `events` events over `keys` keys (10 per
 /// transaction, paced) and a relay with `config`; returns once 100 events
 /// arrived.
+/// Locks the outbox (as a migration would) and waits until the relay's next
+/// read waits on the lock. Roll the returned transaction back to release it.
+async fn lock_outbox_under_the_relay(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let lock = db::lock_outbox(pool).await.unwrap();
+    eventually("the relay's read waits on the lock", WAIT, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok((waiting > 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    lock
+}
+
 async fn relay_mid_stream(
     pool: &PgPool,
     bootstrap: &str,
