@@ -259,13 +259,6 @@ fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     })
 }
 
-/// Runs a `consign-relay` admin command to completion; returns its output.
-async fn admin_command(config: &str, args: &[&str]) -> (bool, String) {
-    let mut command = RelayProcess::start_with(config, args, &[]).unwrap();
-    let status = command.wait(Duration::from_secs(30)).await.unwrap();
-    (status.success(), command.output())
-}
-
 /// Requeue reaches only the consumer that gave up (issue 13 item 6): another
 /// group that handled the message long ago, whose dedup record `cleanup`
 /// has since removed (8 days old, retention 7), passes over the requeued
@@ -385,7 +378,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     .execute(&pool)
     .await
     .unwrap();
-    let (ok, cleaned) = admin_command(&config, &["cleanup"]).await;
+    let (ok, cleaned) = RelayProcess::command(&config, &["cleanup"]).await;
     assert!(ok, "{cleaned}");
     let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM consign_inbox WHERE consumer = $1")
         .bind(other.consumer())
@@ -396,7 +389,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
         kept, 0,
         "cleanup kept the other group's old records: {cleaned}"
     );
-    let (ok, listed) = admin_command(&config, &["dead-letters", "list", "--json"]).await;
+    let (ok, listed) = RelayProcess::command(&config, &["dead-letters", "list", "--json"]).await;
     assert!(ok, "{listed}");
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
@@ -408,17 +401,17 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
             .unwrap()
             .contains("inventory service unavailable")
     );
-    let (ok, table) = admin_command(&config, &["dead-letters", "list"]).await;
+    let (ok, table) = RelayProcess::command(&config, &["dead-letters", "list"]).await;
     assert!(
         ok && table.contains("1 dead letters") && table.contains("key-2"),
         "{table}"
     );
-    let (ok, refused) = admin_command(&config, &["dead-letters", "requeue"]).await;
+    let (ok, refused) = RelayProcess::command(&config, &["dead-letters", "requeue"]).await;
     assert!(!ok && refused.contains("--all"), "{refused}");
-    let (ok, status) = admin_command(&config, &["status"]).await;
+    let (ok, status) = RelayProcess::command(&config, &["status"]).await;
     assert!(ok && status.contains("dead letters: 1"), "{status}");
 
-    let (ok, requeued) = admin_command(
+    let (ok, requeued) = RelayProcess::command(
         &config,
         &[
             "dead-letters",
@@ -431,7 +424,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     )
     .await;
     assert!(ok && requeued.contains("1 requeued, 0 kept"), "{requeued}");
-    let (_, listed) = admin_command(&config, &["dead-letters", "list"]).await;
+    let (_, listed) = RelayProcess::command(&config, &["dead-letters", "list"]).await;
     assert!(listed.contains("0 dead letters"), "{listed}");
 
     // The relay ships it; the consumer that gave up handles it, once.
@@ -465,7 +458,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
         "the other group applied the requeued copy"
     );
     // Requeueing again finds nothing; the message stays handled once.
-    let (ok, again) = admin_command(&config, &["dead-letters", "requeue", "--all"]).await;
+    let (ok, again) = RelayProcess::command(&config, &["dead-letters", "requeue", "--all"]).await;
     assert!(ok && again.contains("0 requeued"), "{again}");
     relay.shutdown().await.unwrap();
     running.stop().await;
@@ -506,7 +499,7 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
     let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
 
     let (ok, out) =
-        admin_command(&config, &["cleanup", "--inbox-older-than", "1h", "--json"]).await;
+        RelayProcess::command(&config, &["cleanup", "--inbox-older-than", "1h", "--json"]).await;
     assert!(ok, "{out}");
     let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(cleaned["inbox_records"], 2, "{out}");
@@ -526,7 +519,8 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
     );
 
     let with_letters = config.clone() + "\n[retention]\ndead-letters = \"7days\"\n";
-    let (ok, out) = admin_command(&with_letters, &["cleanup", "--inbox-older-than", "1h"]).await;
+    let (ok, out) =
+        RelayProcess::command(&with_letters, &["cleanup", "--inbox-older-than", "1h"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("deleted 0 inbox records older than 1h"),
@@ -542,7 +536,7 @@ async fn cleanup_removes_only_what_is_older_than_the_retention(pool: PgPool) {
         .unwrap();
     assert_eq!(letters, ["1 day"]);
     // The default inbox retention (7 days) keeps everything that is left.
-    let (ok, out) = admin_command(&config, &["cleanup", "--json"]).await;
+    let (ok, out) = RelayProcess::command(&config, &["cleanup", "--json"]).await;
     assert!(ok && out.contains("\"inbox_records\": 0"), "{out}");
 }
 
@@ -613,7 +607,7 @@ broker_test! {
         assert_eq!(count(&old).await, 3);
 
         let config = relay_config(&db::url(&pool), "unused:9092", &[], &[]);
-        let (ok, out) = admin_command(
+        let (ok, out) = RelayProcess::command(
             &config,
             &["cleanup", "--archive-older-than", "7days", "--json"],
         )
@@ -638,7 +632,7 @@ broker_test! {
             "today's rows stay"
         );
         // The default retention (30 days) drops nothing more.
-        let (ok, out) = admin_command(&config, &["cleanup"]).await;
+        let (ok, out) = RelayProcess::command(&config, &["cleanup"]).await;
         assert!(
             ok && out.contains("dropped 0 archive partitions older than 30days"),
             "{out}"

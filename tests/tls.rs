@@ -12,7 +12,8 @@ use consign::{Message, Outbox};
 use consign_test_support::effects::{self, Step, tally};
 use consign_test_support::tls::TestCa;
 use consign_test_support::{
-    KafkaCluster, RelayProcess, db, eventually, real_kafka_tier, relay_config, unique_topic,
+    KafkaCluster, RelayProcess, db, eventually, real_kafka_required, real_kafka_tier, relay_config,
+    unique_topic,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -20,14 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Whether missing set-up fails the test (CI, the test command) rather
-/// than skipping it.
-fn required() -> bool {
-    ["CI", "TEST_KAFKA_REQUIRED"]
-        .iter()
-        .any(|name| std::env::var(name).is_ok_and(|v| v == "true" || v == "1"))
-}
 
 /// The test CA of the server `pool` is on: `ca.crt` beside its
 /// `ssl_cert_file` (where `scripts/services.sh` puts it).
@@ -45,7 +38,7 @@ async fn server_ca(pool: &PgPool) -> Option<PathBuf> {
         "PostgreSQL has ssl={ssl} and no {} (run scripts/services.sh postgres)",
         ca.display()
     );
-    assert!(!required(), "{why}");
+    assert!(!real_kafka_required(), "{why}");
     println!("skipped: {why}");
     None
 }
@@ -60,13 +53,6 @@ async fn verify_full_url(pool: &PgPool, host: &str, ca: &std::path::Path) -> Str
         "postgres://postgres@{host}:5432/{database}?sslmode=verify-full&sslrootcert={}",
         ca.display()
     )
-}
-
-/// Runs a `consign-relay` command to its end; returns success and output.
-async fn relay_command(config: &str, args: &[&str]) -> (bool, String) {
-    let mut command = RelayProcess::start_with(config, args, &[]).unwrap();
-    let status = command.wait(Duration::from_secs(30)).await.unwrap();
-    (status.success(), command.output())
 }
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]
@@ -90,7 +76,7 @@ async fn postgres_with_verify_full_connects_and_a_wrong_ca_is_refused_by_name(po
     // The relay binary, configured as a user would.
     let url = verify_full_url(&pool, "localhost", &ca).await;
     let config = relay_config(&url, "unused:9092", &[], &[]);
-    let (ok, status) = relay_command(&config, &["status"]).await;
+    let (ok, status) = RelayProcess::command(&config, &["status"]).await;
     assert!(ok, "consign-relay status over TLS failed:\n{status}");
 
     // A CA that did not sign the server's certificate.
@@ -109,7 +95,7 @@ async fn postgres_with_verify_full_connects_and_a_wrong_ca_is_refused_by_name(po
         "{error}"
     );
     let config = relay_config(&url, "unused:9092", &[], &[]);
-    let (ok, output) = relay_command(&config, &["status"]).await;
+    let (ok, output) = RelayProcess::command(&config, &["status"]).await;
     println!("consign-relay status with the wrong CA:\n{output}");
     assert!(!ok, "{output}");
     assert!(output.to_lowercase().contains("certificate"), "{output}");

@@ -28,6 +28,32 @@ pub fn is_secret_kafka_property(key: &str) -> bool {
         )
 }
 
+/// `properties` as they may be shown: secret values replaced by
+/// [`REDACTED`].
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use consign_outbox::secrets::{REDACTED, redacted_properties};
+/// let properties = BTreeMap::from([("sasl.password".to_owned(), "hunter2".to_owned())]);
+/// assert_eq!(redacted_properties(&properties)["sasl.password"], REDACTED);
+/// ```
+#[must_use]
+pub fn redacted_properties(
+    properties: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<&str, &str> {
+    properties
+        .iter()
+        .map(|(key, value)| {
+            let shown = if is_secret_kafka_property(key) {
+                REDACTED
+            } else {
+                value.as_str()
+            };
+            (key.as_str(), shown)
+        })
+        .collect()
+}
+
 /// The message for librdkafka's refusal of `key` = `value` (its
 /// `description` usually quotes the value): the value is shown unless the
 /// property holds a secret, and then the description omits it too.

@@ -3,13 +3,14 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use consign_outbox::secrets::redacted_properties;
 use rdkafka::{ClientConfig, error::KafkaError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
     Error, Relay, RelaySettings, Result,
-    config::{AdminSettings, REDACTED, is_secret_kafka_property},
+    config::AdminSettings,
     deadline::{DEFAULT_DATABASE_DEADLINE, Db},
     health::{Health, Sampler},
     publish::Publisher,
@@ -77,20 +78,8 @@ pub struct RelayBuilder {
 
 impl std::fmt::Debug for RelayBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kafka: BTreeMap<&str, &str> = self
-            .kafka
-            .iter()
-            .map(|(k, v)| {
-                let v = if is_secret_kafka_property(k) {
-                    REDACTED
-                } else {
-                    v.as_str()
-                };
-                (k.as_str(), v)
-            })
-            .collect();
         f.debug_struct("RelayBuilder")
-            .field("kafka", &kafka)
+            .field("kafka", &redacted_properties(&self.kafka))
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -338,6 +327,7 @@ fn kafka_config_error(error: KafkaError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::REDACTED;
 
     fn refused(key: &str, value: &str) -> String {
         kafka_config_error(KafkaError::ClientConfig(

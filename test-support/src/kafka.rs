@@ -311,8 +311,10 @@ pub fn real_kafka_tier() -> Result<bool> {
 }
 
 /// Under CI (`CI=true`) or the test command (`TEST_KAFKA_REQUIRED=1`), a
-/// missing real-Kafka tier is an error, not a skip.
-fn real_kafka_required() -> bool {
+/// missing real-Kafka tier (or other set-up the test command makes, such as
+/// PostgreSQL's TLS) is an error, not a skip.
+#[must_use]
+pub fn real_kafka_required() -> bool {
     ["CI", "TEST_KAFKA_REQUIRED"]
         .iter()
         .any(|name| std::env::var(name).is_ok_and(|v| v == "true" || v == "1"))

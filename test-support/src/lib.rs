@@ -30,7 +30,8 @@ pub use cluster::{
     KAFKA_JVM_OPTS_ENV, KAFKA_LIBS_ENV, KafkaCluster, SecureListener, kafka_libs, kafka_version,
 };
 pub use kafka::{
-    BrokerKind, EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions, real_kafka_tier,
+    BrokerKind, EXTERNAL_BROKERS_ENV, MockKafka, TestBroker, Transactions, real_kafka_required,
+    real_kafka_tier,
 };
 pub use process::{
     CONSUMER_BIN_ENV, ChildProcess, RELAY_BIN_ENV, RelayProcess, consumer_binary, relay_binary,

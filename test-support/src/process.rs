@@ -129,6 +129,21 @@ impl ChildProcess {
         Self::start_with(config, &["run"], &[])
     }
 
+    /// Runs a `consign-relay` command (`status`, `config check`, ...) with
+    /// `config` to its end, for at most 30 s; returns whether it succeeded
+    /// and its output.
+    ///
+    /// # Panics
+    /// If it cannot start or does not end in time.
+    pub async fn command(config: &str, args: &[&str]) -> (bool, String) {
+        let mut command = Self::start_with(config, args, &[]).expect("start consign-relay");
+        let status = command
+            .wait(Duration::from_secs(30))
+            .await
+            .expect("consign-relay command ended");
+        (status.success(), command.output())
+    }
+
     /// Like [`RelayProcess::start`] with other arguments after `--config`
     /// and extra environment variables.
     ///

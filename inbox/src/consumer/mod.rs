@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
-use consign_outbox::secrets::{REDACTED, is_secret_kafka_property, refused_property};
+use consign_outbox::secrets::{redacted_properties, refused_property};
 
 use crate::{BoxError, ConsumerError, InboxLayer, Received, store};
 
@@ -79,22 +79,10 @@ pub struct InboxConsumer {
 
 impl std::fmt::Debug for InboxConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kafka: BTreeMap<&str, &str> = self
-            .kafka
-            .iter()
-            .map(|(key, value)| {
-                let shown = if is_secret_kafka_property(key) {
-                    REDACTED
-                } else {
-                    value.as_str()
-                };
-                (key.as_str(), shown)
-            })
-            .collect();
         f.debug_struct("InboxConsumer")
             .field("group", &self.group)
             .field("topics", &self.topics)
-            .field("kafka", &kafka)
+            .field("kafka", &redacted_properties(&self.kafka))
             .field("max_batch", &self.max_batch)
             .field("queue_per_partition", &self.queue_per_partition)
             .field("shutdown_timeout", &self.shutdown_timeout)
