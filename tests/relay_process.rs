@@ -245,7 +245,8 @@ async fn lock_outbox_under_the_relay(pool: &PgPool) -> sqlx::Transaction<'static
     eventually("the relay's read waits on the lock", WAIT, || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'",
+             WHERE application_name = 'consign-relay' AND wait_event_type = 'Lock'
+               AND datname = current_database()",
         )
         .fetch_one(pool)
         .await?;
