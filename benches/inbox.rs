@@ -135,7 +135,7 @@ async fn compare(
     for round in 0..rounds {
         // Each run is a new consumer group reading the topic from the start.
         let tag = format!("{kind:?}-{round}").to_lowercase();
-        let bare_group = InboxLayer::new(pool.clone(), format!("bench-bare-{tag}"));
+        let bare_group = InboxLayer::new(pool.clone(), format!("bench-bare-{tag}"))?;
         let bare = run(
             pool,
             &bare_group,
@@ -145,7 +145,7 @@ async fn compare(
             total,
         )
         .await?;
-        let inbox = InboxLayer::new(pool.clone(), format!("bench-inbox-{tag}"));
+        let inbox = InboxLayer::new(pool.clone(), format!("bench-inbox-{tag}"))?;
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
             .service_fn(effects::record);

@@ -127,7 +127,7 @@ async fn main() -> Result<()> {
         .spawn();
 
     // The inventory service: handler wrapped in the inbox, fed by Kafka.
-    let inbox = InboxLayer::new(pool.clone(), CONSUMER);
+    let inbox = InboxLayer::new(pool.clone(), CONSUMER)?;
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .timeout(Duration::from_secs(10))

@@ -20,11 +20,7 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn fast_retries() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 4,
-        min_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(50),
-    }
+    RetryPolicy::attempts(4).with_delays(Duration::from_millis(10), Duration::from_millis(50))
 }
 
 async fn setup(pool: &PgPool, broker: &TestBroker, partitions: i32) -> String {
@@ -66,7 +62,7 @@ broker_test! {
             .await
             .unwrap();
 
-        let inbox = InboxLayer::new(pool.clone(), "dup-test");
+        let inbox = InboxLayer::new(pool.clone(), "dup-test").unwrap();
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
             .service_fn(effects::record);
@@ -87,7 +83,7 @@ broker_test! {
         produce(broker.bootstrap(), &topic, &messages[..10])
             .await
             .unwrap();
-        let again = InboxLayer::new(pool.clone(), "dup-test");
+        let again = InboxLayer::new(pool.clone(), "dup-test").unwrap();
         let service = ServiceBuilder::new()
             .layer(again.clone())
             .service_fn(effects::record);
@@ -112,7 +108,8 @@ broker_test! {
         let attempts: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
         let inbox = InboxLayer::builder(pool.clone(), "flaky-test")
             .retry(fast_retries())
-            .build();
+            .build()
+            .unwrap();
         let seen = Arc::clone(&attempts);
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
@@ -192,7 +189,8 @@ broker_test! {
             .retry(fast_retries())
             .missing_id(MissingId::DeadLetter)
             .dead_letter_topic(producer)
-            .build();
+            .build()
+            .unwrap();
         let service = ServiceBuilder::new().layer(inbox.clone()).service_fn(
             move |mut delivery: Delivery| async move {
                 if delivery.id() == rejected_id {
@@ -276,7 +274,7 @@ broker_test! {
         let topic = setup(&pool, &broker, 6).await;
         let messages = TestMessage::stream(240, 100); // 24,000 messages
         produce(broker.bootstrap(), &topic, &messages).await.unwrap();
-        let inbox = InboxLayer::new(pool.clone(), "backpressure-test");
+        let inbox = InboxLayer::new(pool.clone(), "backpressure-test").unwrap();
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
             .service_fn(|delivery: Delivery| async move {
@@ -308,7 +306,7 @@ broker_test! {
     async fn consumers_joining_and_leaving_mid_stream_apply_each_effect_once_in_key_order(pool: PgPool, broker: TestBroker) {
         let topic = setup(&pool, &broker, 6).await;
         let messages = TestMessage::stream(120, 50); // 6000 messages, 120 keys
-        let inbox = InboxLayer::new(pool.clone(), "group-test");
+        let inbox = InboxLayer::new(pool.clone(), "group-test").unwrap();
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
             .service_fn(effects::record);
@@ -355,7 +353,7 @@ broker_test! {
             .connect_with(options)
             .await
             .unwrap();
-        let inbox = InboxLayer::new(consumer_pool, "terminate-test");
+        let inbox = InboxLayer::new(consumer_pool, "terminate-test").unwrap();
         let service = ServiceBuilder::new()
             .layer(inbox.clone())
             .service_fn(effects::record);
@@ -394,7 +392,7 @@ async fn fatal_consumer_errors_end_run_with_the_error(pool: PgPool) {
         return;
     };
     let topic = setup(&pool, &broker, 1).await;
-    let inbox = InboxLayer::new(pool.clone(), unique_topic("fatal-test"));
+    let inbox = InboxLayer::new(pool.clone(), unique_topic("fatal-test")).unwrap();
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .service_fn(effects::record);
@@ -458,7 +456,7 @@ async fn stored_offsets_unreadable_at_assignment_hold_the_partitions_until_the_d
     produce(broker.bootstrap(), &topic, &TestMessage::stream(4, 10))
         .await
         .unwrap();
-    let inbox = InboxLayer::new(pool.clone(), group.clone());
+    let inbox = InboxLayer::new(pool.clone(), group.clone()).unwrap();
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .service_fn(effects::record);
@@ -495,7 +493,7 @@ async fn stored_offsets_unreadable_at_assignment_hold_the_partitions_until_the_d
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy(&url)
         .unwrap();
-    let inbox = InboxLayer::new(through, group.clone());
+    let inbox = InboxLayer::new(through, group.clone()).unwrap();
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .service_fn(effects::record);
@@ -525,7 +523,7 @@ async fn stored_offsets_unreadable_at_assignment_hold_the_partitions_until_the_d
 #[sqlx::test(migrator = "consign::MIGRATOR")]
 async fn consumer_secrets_stay_out_of_debug_and_refusals(pool: PgPool) {
     const SECRET: &str = "inbox-secret-7f3a";
-    let inbox = InboxLayer::new(pool, unique_topic("secrets"));
+    let inbox = InboxLayer::new(pool, unique_topic("secrets")).unwrap();
     let build = |key: &str| {
         InboxConsumer::builder(&inbox)
             .topic("t")
@@ -594,7 +592,8 @@ async fn a_topic_created_again_is_not_mistaken_for_the_old_one(pool: PgPool) {
         .unwrap();
     let inbox = InboxLayer::builder(pool.clone(), unique_topic("recreated"))
         .missing_id(MissingId::FromPosition)
-        .build();
+        .build()
+        .unwrap();
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .service_fn(effects::record);

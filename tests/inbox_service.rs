@@ -19,12 +19,12 @@ const SWALLOWS_SQL_ERROR: u32 = 667;
 
 fn inbox(pool: &PgPool) -> InboxLayer {
     InboxLayer::builder(pool.clone(), unique_topic("service-test"))
-        .retry(RetryPolicy {
-            max_attempts: 2,
-            min_delay: Duration::from_millis(5),
-            max_delay: Duration::from_millis(10),
-        })
+        .retry(
+            RetryPolicy::attempts(2)
+                .with_delays(Duration::from_millis(5), Duration::from_millis(10)),
+        )
         .build()
+        .unwrap()
 }
 
 fn received(topic: &str, offset: i64, message: &TestMessage) -> Received {
@@ -402,12 +402,12 @@ async fn a_message_after_a_swallowed_error_is_not_blamed_for_it(pool: PgPool) {
     setup(&pool).await;
     let topic = unique_topic("blame");
     let layer = InboxLayer::builder(pool.clone(), unique_topic("blame"))
-        .retry(RetryPolicy {
-            max_attempts: 1,
-            min_delay: Duration::from_millis(5),
-            max_delay: Duration::from_millis(10),
-        })
-        .build();
+        .retry(
+            RetryPolicy::attempts(1)
+                .with_delays(Duration::from_millis(5), Duration::from_millis(10)),
+        )
+        .build()
+        .unwrap();
     let batch = vec![
         received(&topic, 0, &TestMessage::step(1, SWALLOWS_SQL_ERROR)),
         received(&topic, 1, &TestMessage::step(2, 1)),

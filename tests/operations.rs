@@ -284,12 +284,12 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
     let consumer = format!("requeue-{}", &Uuid::now_v7().simple().to_string()[24..]);
     let broken = Arc::new(AtomicBool::new(true));
     let inbox = InboxLayer::builder(pool.clone(), &consumer)
-        .retry(RetryPolicy {
-            max_attempts: 3,
-            min_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(50),
-        })
-        .build();
+        .retry(
+            RetryPolicy::attempts(3)
+                .with_delays(Duration::from_millis(10), Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
     let handler_broken = Arc::clone(&broken);
     let service =
         ServiceBuilder::new()
@@ -310,7 +310,7 @@ async fn requeued_dead_letter_is_handled_once_and_inbox_metrics_count(pool: PgPo
         .execute(&pool)
         .await
         .unwrap();
-    let other = InboxLayer::new(pool.clone(), format!("{consumer}-other"));
+    let other = InboxLayer::new(pool.clone(), format!("{consumer}-other")).unwrap();
     let other_service = ServiceBuilder::new().layer(other.clone()).service_fn(
         |mut delivery: Delivery| async move {
             sqlx::query("INSERT INTO other_effects (message_id) VALUES ($1)")
@@ -646,7 +646,7 @@ broker_test! {
 /// cannot requeue stay without stopping the pages after them.
 #[sqlx::test(migrator = "consign::MIGRATOR")]
 async fn requeue_all_goes_through_every_page_in_order(pool: PgPool) {
-    use consign::relay::dead_letters::{Selection, requeue};
+    use consign::inbox::dead_letters::{Selection, requeue};
     sqlx::query(
         "INSERT INTO consign_dead_letters
              (consumer, message_id, topic, partition, \"offset\", key, payload, error, attempts, failed_at)
@@ -658,7 +658,9 @@ async fn requeue_all_goes_through_every_page_in_order(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let done = requeue(&pool, &Selection::all()).await.unwrap();
+    let done = requeue(&pool, &consign::Outbox::new(), &Selection::all())
+        .await
+        .unwrap();
     assert_eq!(done.requeued.len(), 249, "{:?}", done.skipped);
     assert_eq!(done.skipped.len(), 1);
     let payloads: Vec<String> =
@@ -671,4 +673,47 @@ async fn requeue_all_goes_through_every_page_in_order(pool: PgPool) {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(payloads, expected);
+}
+
+/// Requeue goes through `Outbox::enqueue_batch` (issue 14 item 2): a letter
+/// the outbox refuses (here a payload over its limit) stays, with the
+/// outbox's reason, and the others are enqueued with the same checks as any
+/// message, addressed to the consumer that gave up.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn requeue_validates_through_the_outbox_and_keeps_what_it_refuses(pool: PgPool) {
+    use consign::inbox::dead_letters::{Selection, requeue};
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO consign_dead_letters
+             (consumer, message_id, topic, partition, \"offset\", key, headers, payload, error, attempts)
+         SELECT 'c', gen_random_uuid(), 't', 0, n, convert_to('k', 'UTF8'),
+                '[{\"name\": \"consign-event-type\", \"value\": \"Placed\"}, {\"name\": \"tenant\", \"value\": \"acme\"}]',
+                convert_to(repeat('x', size), 'UTF8'), 'boom', 1
+         FROM (VALUES (1, 10), (2, 5000)) AS t(n, size)
+         RETURNING id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let outbox = consign::Outbox::builder().max_payload_bytes(1024).build();
+    let done = requeue(&pool, &outbox, &Selection::all()).await.unwrap();
+    assert_eq!(done.requeued.len(), 1, "{done:?}");
+    assert_eq!(done.skipped.len(), 1, "{done:?}");
+    let (kept, reason) = &done.skipped[0];
+    assert_eq!(*kept, ids[1]);
+    assert!(reason.contains("payload"), "{reason}");
+    let (event_type, headers): (String, serde_json::Value) =
+        sqlx::query_as("SELECT event_type, headers FROM consign_outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(event_type, "Placed");
+    assert_eq!(
+        headers,
+        serde_json::json!({"tenant": "acme", "consign-requeued-for": "c"})
+    );
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM consign_dead_letters")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, [ids[1]]);
 }

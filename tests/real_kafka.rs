@@ -10,10 +10,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use consign::{
-    Message, Outbox,
-    relay::{Relay, RelaySettings},
-};
+use consign::{Message, Outbox, relay::Relay};
 use consign_test_support::{
     ChildProcess, KafkaCluster, Received, RelayProcess, TestBroker, TopicReader, db,
     effects::{self, TestMessage, produce, tally},
@@ -402,9 +399,10 @@ async fn a_partition_that_cannot_start_its_transactions_is_reported_stalled(pool
     let relay = Relay::builder(pool.clone())
         .kafka("bootstrap.servers", broker.bootstrap())
         .kafka("transaction.timeout.ms", "1000000")
-        .settings(RelaySettings {
-            transactions: true,
-            ..fast_relay_settings()
+        .settings({
+            let mut settings = fast_relay_settings();
+            settings.transactions = true;
+            settings
         })
         .build()
         .unwrap()

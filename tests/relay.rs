@@ -5,10 +5,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use consign::{
-    Message, Outbox, Relay,
-    relay::{RelayHandle, RelaySettings},
-};
+use consign::{Message, Outbox, Relay, relay::RelayHandle};
 use consign_test_support::{
     TestBroker, TopicReader, broker_test, db, eventually, fast_relay_settings, unique_topic,
 };
@@ -321,9 +318,10 @@ async fn refused_row_is_not_overtaken_by_its_key(pool: &PgPool, transactions: bo
     let relay = relay(&pool, &broker)
         .kafka("linger.ms", "0")
         .kafka("batch.num.messages", "1")
-        .settings(RelaySettings {
-            transactions,
-            ..fast_relay_settings()
+        .settings({
+            let mut settings = fast_relay_settings();
+            settings.transactions = transactions;
+            settings
         })
         .build()
         .unwrap()
@@ -685,9 +683,10 @@ async fn batches_are_capped_by_bytes(pool: PgPool) {
         .collect();
     enqueue_all(&pool, &big).await;
     let relay = relay(&pool, &broker)
-        .settings(RelaySettings {
-            batch_max_bytes: 256 << 10,
-            ..fast_relay_settings()
+        .settings({
+            let mut settings = fast_relay_settings();
+            settings.batch_max_bytes = 256 << 10;
+            settings
         })
         .build()
         .unwrap()

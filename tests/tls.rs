@@ -149,7 +149,7 @@ async fn kafka_over_sasl_ssl_carries_relay_and_inbox_and_a_wrong_password_is_nam
     drained.unwrap_or_else(|e| panic!("{e:#}\n{}", relay.output()));
 
     // The inbox consumes over SASL_SSL.
-    let inbox = InboxLayer::new(pool.clone(), unique_topic("tls-inbox"));
+    let inbox = InboxLayer::new(pool.clone(), unique_topic("tls-inbox")).unwrap();
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .service_fn(effects::record);

@@ -82,7 +82,7 @@ async fn one_trace_spans_enqueue_relay_and_handler(pool: PgPool) {
 
     // The handler runs in the same trace.
     let seen: Arc<Mutex<Vec<(Uuid, TraceId)>>> = Arc::default();
-    let inbox = InboxLayer::new(pool.clone(), "trace-test");
+    let inbox = InboxLayer::new(pool.clone(), "trace-test").unwrap();
     let record = Arc::clone(&seen);
     let service =
         ServiceBuilder::new()

@@ -3,13 +3,18 @@
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why the inbox could not settle a message. Handler failures are not
-/// errors here (they are retried, then dead-lettered); these are failures
-/// of the inbox's own machinery, after which nothing of the message was
-/// committed and it can be offered again.
+/// The inbox's one error type.
+///
+/// From the service ([`InboxService`](crate::InboxService)): why the inbox
+/// could not settle a message. Handler failures are not errors here (they
+/// are retried, then dead-lettered); these are failures of the inbox's own
+/// machinery, after which nothing of the message was committed and it can
+/// be offered again. From the builders and the consumer runner
+/// ([`InboxConsumer`](crate::InboxConsumer)): configuration, Kafka, and the
+/// conditions under which the consumer stops rather than skip a message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum InboxError {
+pub enum Error {
     /// The database failed (connection lost, commit failed, ...).
     #[error("inbox database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -26,19 +31,16 @@ pub enum InboxError {
     /// The inner service reported it cannot take requests any more.
     #[error("the handler service failed: {0}")]
     Service(BoxError),
-}
 
-/// Errors of the Kafka consumer runner.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConsumerError {
+    // The consumer runner.
     /// The Kafka client could not be created or subscribed; the message
     /// names the property or topic.
     #[error("kafka consumer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 
-    /// A configuration value is wrong, or the broker refused it.
-    #[error("invalid consumer configuration: {0}")]
+    /// A configuration value of the inbox or its consumer is wrong, or the
+    /// broker refused it; the message names the setting.
+    #[error("invalid inbox configuration: {0}")]
     Config(String),
 
     /// The Kafka client failed for good (librdkafka's fatal errors, e.g. a
@@ -82,3 +84,9 @@ pub enum ConsumerError {
         reason: String,
     },
 }
+
+/// The error of [`InboxService`](crate::InboxService): [`Error`].
+pub type InboxError = Error;
+
+/// The error of [`InboxConsumer`](crate::InboxConsumer): [`Error`].
+pub type ConsumerError = Error;

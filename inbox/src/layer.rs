@@ -8,11 +8,12 @@ use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tower::Layer;
 
-use crate::InboxService;
+use crate::{Error, InboxService};
 
 /// What the inbox does with a message that has no usable `consign-id`
 /// header (not produced by a consign relay, or altered on the way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum MissingId {
     /// Send it to the dead letters with the reason (the default: without an
     /// id, duplicates cannot be recognised across producers' retries).
@@ -27,7 +28,16 @@ pub enum MissingId {
 
 /// How often and how fast a failing handler is retried before its message
 /// goes to the dead letters.
+///
+/// ```
+/// use std::time::Duration;
+/// use consign_inbox::RetryPolicy;
+///
+/// let retry = RetryPolicy::attempts(3).with_delays(Duration::from_millis(10), Duration::from_secs(1));
+/// assert_eq!(retry.max_attempts, 3);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (at least 1). Default 5.
     pub max_attempts: u32,
@@ -49,19 +59,33 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// `max_attempts` attempts in all (the first included), with the
+    /// default delays.
+    #[must_use]
+    pub fn attempts(max_attempts: u32) -> Self {
+        Self {
+            max_attempts,
+            ..Self::default()
+        }
+    }
+
+    /// The delay before the second attempt (`min`, doubling per attempt)
+    /// and the longest delay (`max`).
+    #[must_use]
+    pub fn with_delays(mut self, min: Duration, max: Duration) -> Self {
+        self.min_delay = min;
+        self.max_delay = max;
+        self
+    }
+
     pub(crate) fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
-        use backon::BackoffBuilder as _;
-        backon::ExponentialBuilder::default()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        consign_outbox::backoff::delays(self.min_delay, self.max_delay)
     }
 }
 
 /// Counters of an inbox since it was built (shared by all its services).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct InboxStats {
     /// Messages whose handler succeeded and committed.
     pub handled: u64,
@@ -161,7 +185,7 @@ impl std::fmt::Debug for Shared {
 /// use tower::ServiceBuilder;
 ///
 /// # fn demo(pool: sqlx::PgPool) {
-/// let inbox = InboxLayer::new(pool, "inventory");
+/// let inbox = InboxLayer::new(pool, "inventory")?;
 /// let service = ServiceBuilder::new()
 ///     .layer(inbox)
 ///     .timeout(std::time::Duration::from_secs(5)) // per handler call
@@ -183,10 +207,9 @@ impl InboxLayer {
     /// An inbox for `consumer` with the default retry policy and
     /// [`MissingId::DeadLetter`].
     ///
-    /// # Panics
-    /// If `consumer` is empty.
-    #[must_use]
-    pub fn new(pool: PgPool, consumer: impl Into<String>) -> Self {
+    /// # Errors
+    /// [`Error::Config`] if `consumer` is empty.
+    pub fn new(pool: PgPool, consumer: impl Into<String>) -> Result<Self, Error> {
         Self::builder(pool, consumer).build()
     }
 
@@ -288,18 +311,27 @@ impl InboxLayerBuilder {
 
     /// Builds the layer.
     ///
-    /// # Panics
-    /// If the consumer name is empty or the retry policy allows no attempt.
-    pub fn build(self) -> InboxLayer {
-        assert!(
-            !self.consumer.trim().is_empty(),
-            "the inbox consumer name must not be empty"
-        );
-        assert!(
-            self.retry.max_attempts >= 1,
-            "RetryPolicy::max_attempts must be at least 1"
-        );
-        InboxLayer {
+    /// # Errors
+    /// [`Error::Config`] if the consumer name is empty or the retry policy
+    /// allows no attempt.
+    pub fn build(self) -> Result<InboxLayer, Error> {
+        if self.consumer.trim().is_empty() {
+            return Err(Error::Config(
+                "the inbox consumer name must not be empty".into(),
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(Error::Config(
+                "RetryPolicy::max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.retry.min_delay > self.retry.max_delay {
+            return Err(Error::Config(format!(
+                "RetryPolicy::min_delay ({:?}) must not exceed max_delay ({:?})",
+                self.retry.min_delay, self.retry.max_delay
+            )));
+        }
+        Ok(InboxLayer {
             shared: Arc::new(Shared {
                 pool: self.pool,
                 consumer: self.consumer,
@@ -308,6 +340,6 @@ impl InboxLayerBuilder {
                 dead_letter_producer: self.dead_letter_producer,
                 counters: Counters::default(),
             }),
-        }
+        })
     }
 }

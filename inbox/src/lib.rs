@@ -42,7 +42,7 @@
 //! }
 //!
 //! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
-//! let inbox = InboxLayer::new(pool, "inventory");
+//! let inbox = InboxLayer::new(pool, "inventory")?;
 //! let service = ServiceBuilder::new()
 //!     .layer(inbox.clone())
 //!     .timeout(std::time::Duration::from_secs(10))
@@ -57,11 +57,13 @@
 //! ```
 
 mod consumer;
+pub mod dead_letters;
 mod delivery;
 mod error;
 mod layer;
 pub mod metrics;
 mod received;
+pub mod retention;
 mod service;
 mod store;
 mod trace;
@@ -69,7 +71,7 @@ mod trace;
 pub use consign_outbox::headers;
 pub use consumer::{InboxConsumer, InboxConsumerBuilder};
 pub use delivery::{DecodeError, Delivery, Rejected};
-pub use error::{BoxError, ConsumerError, InboxError};
+pub use error::{BoxError, ConsumerError, Error, InboxError};
 pub use layer::{InboxLayer, InboxLayerBuilder, InboxStats, MissingId, RetryPolicy};
 pub use received::Received;
 pub use service::{BatchOutcome, InboxService, Outcome};

@@ -1,9 +1,7 @@
 //! A message as it came from Kafka, owned.
 
-use base64::Engine as _;
 use rdkafka::Message as _;
 use rdkafka::message::{BorrowedMessage, Headers as _};
-use serde_json::{Value, json};
 use uuid::Uuid;
 
 use consign_outbox::headers::{EVENT_TYPE as EVENT_TYPE_HEADER, ID as ID_HEADER};
@@ -150,26 +148,6 @@ impl Received {
         };
         Uuid::new_v5(&POSITION_NAMESPACE, name.as_bytes())
     }
-
-    /// Headers as stored in the dead-letter table: a JSON array keeping
-    /// their order; UTF-8 values as `value`, others as `base64`.
-    pub(crate) fn headers_json(&self) -> Value {
-        Value::Array(
-            self.headers
-                .iter()
-                .map(|(name, value)| match value {
-                    None => json!({ "name": name, "value": null }),
-                    Some(v) => match std::str::from_utf8(v) {
-                        Ok(text) => json!({ "name": name, "value": text }),
-                        Err(_) => json!({
-                            "name": name,
-                            "base64": base64::engine::general_purpose::STANDARD.encode(v),
-                        }),
-                    },
-                })
-                .collect(),
-        )
-    }
 }
 
 /// Namespace of [`Received::position_id`] ids.
@@ -203,16 +181,5 @@ mod tests {
         };
         assert_eq!(stamped(5).position_id(), stamped(5).position_id());
         assert_ne!(stamped(5).position_id(), stamped(6).position_id());
-    }
-
-    #[test]
-    fn binary_headers_survive_as_base64() {
-        let m = Received::new("t", 0, 0)
-            .with_header("a", "text")
-            .with_header("b", vec![0xff, 0x00]);
-        assert_eq!(
-            m.headers_json(),
-            json!([{"name": "a", "value": "text"}, {"name": "b", "base64": "/wA="}])
-        );
     }
 }

@@ -5,8 +5,6 @@ use std::collections::HashSet;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::Received;
-
 /// Records ids as handled by `consumer`; returns those that were new.
 pub(crate) async fn record_ids(
     conn: &mut PgConnection,
@@ -65,33 +63,4 @@ pub(crate) async fn stored_offsets(
     .bind(topics)
     .fetch_all(pool)
     .await
-}
-
-/// Writes a dead letter.
-pub(crate) async fn dead_letter(
-    conn: &mut PgConnection,
-    consumer: &str,
-    id: Option<Uuid>,
-    message: &Received,
-    error: &str,
-    attempts: u32,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO consign_dead_letters
-             (consumer, message_id, topic, partition, \"offset\", key, headers, payload, error, attempts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(consumer)
-    .bind(id)
-    .bind(&message.topic)
-    .bind(message.partition)
-    .bind(message.offset)
-    .bind(message.key.as_deref())
-    .bind(message.headers_json())
-    .bind(message.payload.as_deref())
-    .bind(error)
-    .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
-    .execute(conn)
-    .await?;
-    Ok(())
 }

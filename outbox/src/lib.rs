@@ -48,6 +48,7 @@
 //!
 //! [consign]: https://github.com/consign-rs/consign
 
+pub mod backoff;
 mod error;
 mod event;
 pub mod headers;

@@ -1,6 +1,6 @@
 //! The message model: what one outbox row holds.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -31,6 +31,7 @@ pub struct Message {
     headers: BTreeMap<String, String>,
     traceparent: Option<String>,
     tracestate: Option<String>,
+    requeued_for: Option<String>,
 }
 
 impl Message {
@@ -52,6 +53,7 @@ impl Message {
             headers: BTreeMap::new(),
             traceparent: None,
             tracestate: None,
+            requeued_for: None,
         }
     }
 
@@ -123,6 +125,25 @@ impl Message {
         self
     }
 
+    /// Addresses the message to one consumer only: it is sent with the
+    /// [`consign-requeued-for`](crate::headers::REQUEUED_FOR) header, and
+    /// every other inbox consumer of the topic passes over it. This is how a
+    /// dead letter goes back to the consumer that gave up on it
+    /// (`consign_inbox::dead_letters::requeue`) without reaching the
+    /// consumers that handled it already.
+    #[must_use]
+    pub fn requeued_for(mut self, consumer: impl Into<String>) -> Self {
+        self.requeued_for = Some(consumer.into());
+        self
+    }
+
+    /// The one consumer the message is for, if it was
+    /// [`requeued_for`](Self::requeued_for) one.
+    #[must_use]
+    pub fn requeued_for_consumer(&self) -> Option<&str> {
+        self.requeued_for.as_deref()
+    }
+
     /// The message id (UUID v7 unless replaced).
     #[must_use]
     pub fn id(&self) -> Uuid {
@@ -157,6 +178,19 @@ impl Message {
     #[must_use]
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.headers
+    }
+
+    /// The headers as stored in the outbox row: the user headers plus
+    /// [`REQUEUED_FOR`](crate::headers::REQUEUED_FOR) when set.
+    pub(crate) fn stored_headers(&self) -> Cow<'_, BTreeMap<String, String>> {
+        match &self.requeued_for {
+            None => Cow::Borrowed(&self.headers),
+            Some(consumer) => {
+                let mut headers = self.headers.clone();
+                headers.insert(crate::headers::REQUEUED_FOR.to_owned(), consumer.clone());
+                Cow::Owned(headers)
+            }
+        }
     }
 
     /// The W3C `traceparent`, if set.

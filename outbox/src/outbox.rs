@@ -2,6 +2,8 @@
 
 use uuid::Uuid;
 
+use tracing::Instrument as _;
+
 use crate::{Error, Event, Message, Result, store::OutboxConnection, validate::Limits};
 
 /// Writes messages into the outbox table on a connection you own, normally
@@ -74,7 +76,9 @@ impl Outbox {
         let msg = with_current_trace(msg);
         self.validate(&msg)?;
         let id = msg.id();
-        conn.insert_messages(std::slice::from_ref(&msg)).await?;
+        conn.insert_messages(std::slice::from_ref(&msg))
+            .instrument(enqueue_span(std::slice::from_ref(&msg)))
+            .await?;
         Ok(id)
     }
 
@@ -106,7 +110,9 @@ impl Outbox {
             }
             _ => msgs,
         };
-        conn.insert_messages(msgs).await?;
+        conn.insert_messages(msgs)
+            .instrument(enqueue_span(msgs))
+            .await?;
         Ok(msgs.iter().map(Message::id).collect())
     }
 
@@ -157,6 +163,18 @@ impl OutboxBuilder {
             limits: self.limits,
         }
     }
+}
+
+/// The `consign.enqueue` span around the insert. Entered after the trace
+/// context was captured, so the stored context is the caller's span.
+fn enqueue_span(msgs: &[Message]) -> tracing::Span {
+    let first = msgs.first();
+    tracing::info_span!(
+        "consign.enqueue",
+        messages = msgs.len(),
+        topic = first.map(Message::topic),
+        message_id = first.map(|m| tracing::field::display(m.id())),
+    )
 }
 
 /// `msg` with the current trace context, unless it has one.

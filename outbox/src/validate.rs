@@ -8,6 +8,7 @@ use crate::{Error, Message, Result};
 /// Size limits applied at enqueue. The defaults keep key, headers and payload
 /// together under Kafka's default `message.max.bytes` of 1 000 000 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest payload in bytes. Default 921 600 (900 KiB).
     pub max_payload_bytes: usize,

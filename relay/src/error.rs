@@ -24,10 +24,6 @@ pub enum Error {
         message: String,
     },
 
-    /// The configuration file or environment could not be read or parsed.
-    #[error("invalid configuration: {0}")]
-    ConfigSource(String),
-
     /// The Kafka producer could not be created.
     #[error("Kafka producer: {0}")]
     Kafka(#[from] KafkaError),
@@ -55,7 +51,9 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A [`Error::Config`] naming `field`.
+    #[must_use]
+    pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Config {
             field: field.into(),
             message: message.into(),

@@ -45,25 +45,17 @@
 //! ```
 //!
 //! # As a process
-//! `consign-relay migrate` creates the tables, `consign-relay run` publishes
-//! until SIGTERM, `consign-relay status` shows relays, leases and backlog. Configuration: [`Config`] and `reference.toml`.
-//!
-//! # Features
-//! `cli` (default): the binary's parts, the `cli` and `admin` modules,
-//! [`Config::load`] and `metrics::install_prometheus`, with clap, figment,
-//! axum and the Prometheus exporter. A service that embeds the relay can
-//! depend on `consign-relay` with `default-features = false` and compile
-//! none of them.
+//! The `consign-relay` binary comes from the `consign-cli` crate (the
+//! sqlx-cli pattern, so that this library pulls no command-line, config-file
+//! or HTTP dependencies): `consign-relay migrate` creates the tables,
+//! `consign-relay run` publishes until SIGTERM, `consign-relay status` shows
+//! relays, leases and backlog. Its configuration file is [`Config`]; see
+//! `cli/reference.toml`.
 //!
 //! [consign]: https://github.com/consign-rs/consign
 
-#[cfg(feature = "cli")]
-pub mod admin;
 mod builder;
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod config;
-pub mod dead_letters;
 mod deadline;
 mod error;
 mod handle;

@@ -1,7 +1,8 @@
 //! The relay's metrics, recorded through the [`metrics`] facade.
 //!
-//! The `consign-relay` binary installs a Prometheus recorder
-//! ([`install_prometheus`]) and serves it at `/metrics`; a service embedding
+//! The `consign-relay` binary (crate `consign-cli`) installs a Prometheus
+//! recorder (`install_prometheus`, feature `prometheus`) and serves it at
+//! `/metrics`; a service embedding
 //! the relay installs whatever recorder it uses (without one, recording is a
 //! no-op). Backlog gauges are sampled from PostgreSQL every
 //! `admin.sample-interval` ([`RelayBuilder::sample_interval`]), so every
@@ -10,7 +11,7 @@
 //! [`RelayBuilder::sample_interval`]: crate::RelayBuilder::sample_interval
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
-#[cfg(feature = "cli")]
+#[cfg(feature = "prometheus")]
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rdkafka::error::KafkaError;
 
@@ -55,8 +56,8 @@ pub const BATCH_BUCKETS: &[f64] = &[
 ];
 
 /// Describes the relay's metrics to the installed recorder (units and help
-/// texts). Called by [`install_prometheus`]; call it after installing
-/// another recorder.
+/// texts). The `consign-relay` binary calls it after installing its
+/// Prometheus recorder; call it after installing yours.
 pub fn describe() {
     describe_gauge!(OUTBOX_PENDING_ROWS, "Rows waiting in the outbox");
     describe_gauge!(
@@ -90,11 +91,11 @@ pub fn describe() {
 /// Installs a Prometheus recorder as the global [`metrics`] recorder (with
 /// histogram buckets for consign's histograms, the relay's and the inbox's)
 /// and describes the relay's metrics. Render with
-/// [`PrometheusHandle::render`].
+/// [`PrometheusHandle::render`]. Feature `prometheus`.
 ///
 /// # Errors
 /// If a global recorder is already installed.
-#[cfg(feature = "cli")]
+#[cfg(feature = "prometheus")]
 pub fn install_prometheus() -> Result<PrometheusHandle, String> {
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)

@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::{Connection as _, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -192,11 +192,11 @@ impl Relay {
     /// The publishing loop.
     async fn publish_until(&mut self, shutdown: &CancellationToken) -> Result<()> {
         let mut pause = self.settings.poll_interval;
-        let mut error_delays = outage_backoff();
+        let mut error_delays = consign_outbox::backoff::outage();
         while !shutdown.is_cancelled() {
             self.health.turned();
             let span = info_span!(
-                "relay.batch",
+                "consign.relay.batch",
                 fetched = tracing::field::Empty,
                 delivered = tracing::field::Empty,
                 failed = tracing::field::Empty
@@ -222,7 +222,7 @@ impl Relay {
                     }
                 }
                 Ok(Some(fetched)) => {
-                    error_delays = outage_backoff();
+                    error_delays = consign_outbox::backoff::outage();
                     if fetched == self.batch_limit() {
                         pause = self.settings.poll_interval;
                         continue;
@@ -316,14 +316,19 @@ impl Relay {
         metrics::histogram!(crate::metrics::BATCH_ROWS)
             .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
         let grace = self.settings.shutdown_timeout;
+        let produce = info_span!("consign.relay.produce", rows = rows.len());
         let outcomes = match &mut self.publisher {
             Publishers::Shared(publisher) => {
                 let refs: Vec<&OutboxRow> = rows.iter().collect();
-                publisher.publish(&refs, shutdown, grace).await
+                publisher
+                    .publish(&refs, shutdown, grace)
+                    .instrument(produce)
+                    .await
             }
             Publishers::PerPartition(transactional) => {
                 let (outcomes, fenced) = transactional
                     .publish(&rows, &owned, drained, shutdown, grace)
+                    .instrument(produce)
                     .await;
                 self.ownership.forget(&fenced);
                 outcomes
@@ -478,15 +483,13 @@ impl Relay {
     /// The failure to record for `row`, with its next retry time.
     fn failure(&self, row: &OutboxRow, error: &str) -> Failure {
         let attempt = usize::try_from(row.attempts).unwrap_or(0);
-        let delay = ExponentialBuilder::default()
-            .with_min_delay(self.settings.retry_min_delay)
-            .with_max_delay(self.settings.retry_max_delay)
-            .with_jitter()
-            .without_max_times()
-            .build()
-            .nth(attempt)
-            .unwrap_or(self.settings.retry_max_delay)
-            .min(self.settings.retry_max_delay);
+        let delay = consign_outbox::backoff::delays(
+            self.settings.retry_min_delay,
+            self.settings.retry_max_delay,
+        )
+        .nth(attempt)
+        .unwrap_or(self.settings.retry_max_delay)
+        .min(self.settings.retry_max_delay);
         let mut error = error.to_owned();
         error.truncate(2000);
         Failure {
@@ -544,15 +547,4 @@ const SETTLE_AFTER_SHUTDOWN: Duration = Duration::from_secs(5);
 async fn abandon_after(shutdown: &CancellationToken, grace: Duration) {
     shutdown.cancelled().await;
     tokio::time::sleep(grace + SETTLE_AFTER_SHUTDOWN).await;
-}
-
-/// Delays between attempts while the database is unreachable: 100 ms
-/// doubling to 5 s, with jitter, for as long as the outage lasts.
-fn outage_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }

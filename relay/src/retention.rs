@@ -1,5 +1,5 @@
-//! Retention: what `consign-relay cleanup` deletes, and the optional
-//! archive of published outbox rows (`relay.archive`).
+//! The optional archive of published outbox rows (`relay.archive`) and its
+//! retention (part of `consign-relay cleanup`).
 //!
 //! The archive table `consign_outbox_archive` is partitioned by UTC day of
 //! publication (`consign_outbox_archive_YYYYMMDD`, created ahead by the
@@ -33,91 +33,30 @@ pub async fn ensure_archive_partitions(pool: &PgPool) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// What `cleanup` would delete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Retention {
-    /// Age of inbox dedup records to delete.
-    pub inbox: Duration,
-    /// Age of dead letters to delete; `None` keeps them.
-    pub dead_letters: Option<Duration>,
-    /// Age of archive partitions to drop; `None` keeps them.
-    pub archive: Option<Duration>,
-}
-
-impl Retention {
-    /// Inbox records older than `inbox`; dead letters and archive kept.
-    #[must_use]
-    pub fn inbox(inbox: Duration) -> Self {
-        Self {
-            inbox,
-            dead_letters: None,
-            archive: None,
-        }
-    }
-}
-
-/// What [`cleanup`] removed.
+/// What [`cleanup_archive`] dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
-pub struct Cleaned {
-    /// Inbox dedup records older than the inbox retention.
-    pub inbox_records: u64,
-    /// Dead letters older than the dead-letter retention.
-    pub dead_letters: u64,
+pub struct ArchiveCleaned {
     /// Archive partitions dropped (every row in them was older than the
-    /// archive retention).
-    pub archive_partitions: Vec<String>,
+    /// retention).
+    pub partitions: Vec<String>,
     /// Archived rows deleted from the default partition (days whose
     /// partition was missing).
-    pub archive_default_rows: u64,
+    pub default_rows: u64,
 }
 
-/// Deletes inbox dedup records handled more than `retention.inbox` ago;
-/// if set, dead letters older than `retention.dead_letters`; and, if set,
-/// drops archive partitions whose whole day is older than
-/// `retention.archive`. Ages are measured on the database clock.
-///
-/// Dropping old dedup records is safe because consumers resume from the
-/// offsets stored with them: a message is only redelivered from after the
-/// stored offset, so only a producer-side duplicate arriving later than the
-/// retention could be handled twice. Keep the retention well above the
-/// longest outage a duplicate could span (default 7 days).
+/// Drops the archive's day partitions whose whole day is older than
+/// `older_than` (database clock), and deletes rows that old from its default
+/// partition. The inbox's tables have their own retention
+/// (`consign_inbox::retention`).
 ///
 /// # Errors
 /// On a database error.
-pub async fn cleanup(pool: &PgPool, retention: Retention) -> sqlx::Result<Cleaned> {
-    let Retention {
-        inbox,
-        dead_letters,
-        archive,
-    } = retention;
-    let inbox_records = sqlx::query(
-        "DELETE FROM consign_inbox WHERE handled_at < now() - $1 * interval '1 millisecond'",
-    )
-    .bind(millis(inbox))
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let dead_letters = match dead_letters {
-        Some(age) => sqlx::query(
-            "DELETE FROM consign_dead_letters WHERE failed_at < now() - $1 * interval '1 millisecond'",
-        )
-        .bind(millis(age))
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        None => 0,
-    };
-    let (archive_partitions, archive_default_rows) = match archive {
-        Some(age) => drop_archive(pool, age).await?,
-        None => (Vec::new(), 0),
-    };
-    Ok(Cleaned {
-        inbox_records,
-        dead_letters,
-        archive_partitions,
-        archive_default_rows,
+pub async fn cleanup_archive(pool: &PgPool, older_than: Duration) -> sqlx::Result<ArchiveCleaned> {
+    let (partitions, default_rows) = drop_archive(pool, older_than).await?;
+    Ok(ArchiveCleaned {
+        partitions,
+        default_rows,
     })
 }
 

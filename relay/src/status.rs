@@ -7,10 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::{
-    dead_letters::{self, DeadLetterCount},
-    lease::{self, Lease, Member},
-};
+use crate::lease::{self, Lease, Member};
 
 /// The outbox backlog of one partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -63,8 +60,6 @@ pub struct Status {
     pub backlog: Vec<Backlog>,
     /// Up to [`FAILED_ROWS_SHOWN`] rows whose publishing failed, oldest first.
     pub failed: Vec<FailedRow>,
-    /// Dead letters per inbox consumer.
-    pub dead_letters: Vec<DeadLetterCount>,
 }
 
 /// Reads the relays, the leases and the backlog.
@@ -93,7 +88,6 @@ pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
         leases: lease::leases(pool).await?,
         backlog,
         failed,
-        dead_letters: dead_letters::counts(pool).await?,
     })
 }
 
@@ -189,22 +183,13 @@ impl Status {
         if failed > i64::try_from(self.failed.len()).unwrap_or(i64::MAX) {
             let _ = writeln!(out, "  ... (the oldest {} shown)", self.failed.len());
         }
-        let letters: i64 = self.dead_letters.iter().map(|d| d.count).sum();
-        let _ = writeln!(out, "\ndead letters: {letters}");
-        for count in &self.dead_letters {
-            let _ = writeln!(
-                out,
-                "  {:<40} {:>8}  latest {}",
-                count.consumer,
-                count.count,
-                ago(self.now, count.latest)
-            );
-        }
         out
     }
 }
 
-pub(crate) fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
+/// `12s ago`, `5m ago`, `3h ago`: the time from `then` to `now`.
+#[must_use]
+pub fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
     let seconds = (now - then).num_seconds().max(0);
     match seconds {
         0..120 => format!("{seconds}s ago"),

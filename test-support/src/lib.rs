@@ -42,10 +42,9 @@ pub use reader::{Received, TopicReader};
 /// leases, so failures heal fast) with production's batch size.
 #[must_use]
 pub fn fast_relay_settings() -> consign_relay::RelaySettings {
-    consign_relay::RelaySettings {
-        batch_size: 1000,
-        ..consign_relay::RelaySettings::for_profile(consign_relay::Profile::Testing)
-    }
+    let mut settings = consign_relay::RelaySettings::for_profile(consign_relay::Profile::Testing);
+    settings.batch_size = 1000;
+    settings
 }
 
 /// A `consign-relay` configuration file for tests, with the settings of

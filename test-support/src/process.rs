@@ -51,7 +51,7 @@ fn binary(cell: &'static Built, env_var: &str, manifest: &str, bin: &str) -> Res
 /// If the build fails.
 pub fn relay_binary() -> Result<PathBuf> {
     static BIN: Built = OnceLock::new();
-    binary(&BIN, RELAY_BIN_ENV, "../relay/Cargo.toml", "consign-relay")
+    binary(&BIN, RELAY_BIN_ENV, "../cli/Cargo.toml", "consign-relay")
 }
 
 /// The `consign-test-consumer` binary (an inbox consumer whose handler

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use backon::BackoffBuilder as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
@@ -55,7 +54,7 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// use tower::ServiceBuilder;
 ///
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
-/// let inbox = InboxLayer::new(pool, "inventory");
+/// let inbox = InboxLayer::new(pool, "inventory")?;
 /// let service = ServiceBuilder::new()
 ///     .layer(inbox.clone())
 ///     .service_fn(|_d: Delivery| async { Ok::<_, std::io::Error>(()) });

@@ -46,11 +46,8 @@ impl Ctx {
         consumer: &BaseConsumer<Self>,
         tpl: &mut TopicPartitionList,
     ) -> bool {
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .without_max_times()
-            .build();
+        let mut delays =
+            consign_outbox::backoff::delays(Duration::from_millis(200), Duration::from_secs(5));
         let mut failures = 0_u32;
         let stored = loop {
             // Bounded, and left at shutdown: a database gone silent must not

@@ -44,12 +44,7 @@ pub(super) async fn partition_worker<S>(
             }
         }
         let next_offset = batch.last().map_or(0, |m| m.offset + 1);
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = consign_outbox::backoff::outage();
         loop {
             let attempt = async {
                 let ready = ServiceExt::<Vec<Received>>::ready(&mut service)

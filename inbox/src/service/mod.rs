@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use consign_outbox::headers::{self, dlq};
+use consign_outbox::headers;
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use tower::{Service, ServiceExt};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -23,12 +21,11 @@ use crate::{BoxError, Delivery, InboxError, Received, store};
 
 mod attempt;
 mod batch;
-mod dead_letter;
 mod one;
 
+use crate::dead_letters::dead_letter;
 use attempt::{Attempt, Failure, attempt, refused_by_the_database, rollback};
 use batch::process_batch;
-use dead_letter::dead_letter;
 use one::process_one;
 
 /// How long the inbox waits, after the handler returned, for its
@@ -37,6 +34,7 @@ const DELIVERY_RETURN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What became of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// The handler succeeded; its writes and the dedup record committed.
     Handled,
@@ -55,6 +53,7 @@ pub enum Outcome {
 
 /// What became of a batch of messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct BatchOutcome {
     /// Messages handled.
     pub handled: u64,

@@ -38,7 +38,7 @@ async fn insert_one(conn: &mut PgConnection, msg: &Message) -> Result<(), sqlx::
         .bind(msg.key())
         .bind(msg.event_type())
         .bind(msg.payload())
-        .bind(Json(msg.headers()))
+        .bind(Json(msg.stored_headers()))
         .bind(msg.traceparent())
         .bind(msg.tracestate())
         .execute(conn)
@@ -50,7 +50,9 @@ async fn insert_many(conn: &mut PgConnection, msgs: &[Message]) -> Result<(), sq
     let column = |f: fn(&Message) -> Option<&str>| msgs.iter().map(f).collect::<Vec<_>>();
     let headers = msgs
         .iter()
-        .map(|m| serde_json::to_string(m.headers()).map_err(|e| sqlx::Error::Encode(e.into())))
+        .map(|m| {
+            serde_json::to_string(&m.stored_headers()).map_err(|e| sqlx::Error::Encode(e.into()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     sqlx::query(INSERT_MANY)
         .bind(msgs.iter().map(Message::id).collect::<Vec<_>>())

@@ -6,6 +6,7 @@ use super::*;
 /// text) and `/health` (`/health/live`, `/health/ready`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub struct AdminSettings {
     /// Serve the endpoint. Default true, except in the testing profile.
     pub enabled: bool,

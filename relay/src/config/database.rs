@@ -7,6 +7,7 @@ use super::*;
 /// `sslcert`, `sslkey`); `Debug` hides the password.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DatabaseSettings {
     /// PostgreSQL URL. Required; `DATABASE_URL` is used if set.
     pub url: String,

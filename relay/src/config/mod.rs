@@ -5,22 +5,16 @@
 //! [`Profile`], the TOML file given with `--config` (or `CONSIGN_CONFIG`),
 //! `DATABASE_URL`, and `CONSIGN_<SECTION>__<FIELD>` environment variables
 //! (`CONSIGN_RELAY__BATCH_SIZE=500`, `CONSIGN_KAFKA__BOOTSTRAP_SERVERS=host:9092`;
-//! in the `kafka` section `_` stands for `.`). See `reference.toml`.
+//! in the `kafka` section `_` stands for `.`). See `cli/reference.toml`. The
+//! loading itself (figment) is the binary's, in the `consign-cli` crate.
 //!
 //! Secrets (the database password, `sasl.password` and the other
 //! [sensitive Kafka properties](is_secret_kafka_property)) never appear in
 //! `Debug` output or in [`Config::redacted`], which is what
 //! `consign-relay config show` prints.
 
-#[cfg(feature = "cli")]
-use std::path::Path;
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
-#[cfg(feature = "cli")]
-use figment::{
-    Figment,
-    providers::{Env, Format, Serialized, Toml},
-};
 use serde::{Deserialize, Serialize};
 use sqlx::{
     PgPool,
@@ -32,12 +26,8 @@ use crate::{Error, Result};
 mod admin;
 mod database;
 mod kafka;
-#[cfg(feature = "cli")]
-mod load;
 mod relay;
 mod retention;
-#[cfg(all(test, feature = "cli"))]
-mod tests;
 
 pub use admin::AdminSettings;
 pub use database::{DatabaseSettings, redact_url};
@@ -49,6 +39,7 @@ pub use retention::RetentionSettings;
 /// The relay binary's whole configuration. `Debug` hides secrets.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Config {
     /// Which defaults apply: `development`, `testing` or `production`
     /// (default). Set with `profile = "..."`, `CONSIGN_PROFILE` or

@@ -5,6 +5,7 @@ use super::*;
 /// How the relay reads, retries and stops. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RelaySettings {
     /// Rows read and produced per batch. Default 1000; 1 to 100 000.
     pub batch_size: u32,
@@ -80,6 +81,7 @@ pub struct RelaySettings {
 /// batches, patient retries, longer leases, metrics on every interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Profile {
     /// Defaults for a developer's machine.
     Development,

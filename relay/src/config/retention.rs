@@ -5,6 +5,7 @@ use super::*;
 /// The `[retention]` section, applied by `consign-relay cleanup`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetentionSettings {
     /// Inbox dedup records older than this are deleted. Safe because
     /// consumers resume from stored offsets; keep it longer than any

@@ -25,11 +25,11 @@ async fn main() -> Result<()> {
         .connect(&var("DATABASE_URL")?)
         .await?;
     let inbox = InboxLayer::builder(pool, var("TEST_GROUP")?)
-        .retry(RetryPolicy {
-            min_delay: Duration::from_millis(20),
-            ..RetryPolicy::default()
-        })
-        .build();
+        .retry(
+            RetryPolicy::default()
+                .with_delays(Duration::from_millis(20), RetryPolicy::default().max_delay),
+        )
+        .build()?;
     let service = ServiceBuilder::new()
         .layer(inbox.clone())
         .service_fn(consign_test_support::effects::record);

@@ -1,4 +1,11 @@
-use super::load::{env_key, kafka_from_env};
+use std::time::Duration;
+
+use consign_relay::{
+    RelaySettings,
+    config::{DatabaseSettings, KafkaValue, REDACTED, redact_url},
+};
+use figment::providers::{Format as _, Toml};
+
 use super::*;
 
 #[test]
@@ -47,7 +54,7 @@ fn load_with(section: &str, line: &str) -> Result<Config> {
     let file = dir.path().join("consign.toml");
     std::fs::write(&file, &text).unwrap();
     // Without the environment: the test command exports DATABASE_URL.
-    let config = Config::load_from(Config::sources(Some(&file), false)?, None)?;
+    let config = load_from(sources(Some(&file), false)?, None)?;
     config.validate()?;
     Ok(config)
 }
@@ -107,10 +114,10 @@ fn every_bad_field_gives_an_error_naming_it() {
     }
     for (section, line, field, allowed) in cases {
         match load_with(section, line) {
-            Err(Error::Config {
+            Err(Error::Relay(consign_relay::Error::Config {
                 field: named,
                 message,
-            }) => {
+            })) => {
                 assert_eq!(named, field, "{line}: {message}");
                 assert!(
                     message.contains(allowed),
@@ -158,7 +165,7 @@ fn secrets_are_redacted_in_debug_and_printed_config() {
     }
     let printed = [
         format!("{config:?}"),
-        config.to_redacted_toml(),
+        to_redacted_toml(&config),
         serde_json::to_string(&config.redacted()).unwrap(),
     ];
     for text in printed {

@@ -7,7 +7,7 @@
 //! | `/health/ready` | PostgreSQL and Kafka answered their last check | either did not |
 //! | `/health` | live and ready | otherwise |
 //!
-//! [`LIVENESS_LIMIT`]: crate::health::LIVENESS_LIMIT
+//! [`LIVENESS_LIMIT`]: consign_relay::health::LIVENESS_LIMIT
 
 use axum::{
     Json, Router,
@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Health, Liveness, Readiness};
+use consign_relay::{Health, Liveness, Readiness};
 
 #[derive(Clone)]
 struct Shared {
@@ -34,7 +34,7 @@ struct Shared {
 ///
 /// # Errors
 /// If the listener fails.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     health: Health,
     metrics: Option<PrometheusHandle>,

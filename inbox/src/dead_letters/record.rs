@@ -1,10 +1,19 @@
-//! Dead letters: the table row and the optional `.dlq` copy.
+//! Dead-lettering a message: the `consign_dead_letters` row and the
+//! optional `<topic>.dlq` copy, in the handler's transaction.
 
-use super::*;
+use std::time::Duration;
+
+use consign_outbox::headers::{self, dlq};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{InboxError, Received, layer::Shared};
 
 /// Writes the dead-letter row (and publishes to `<topic>.dlq` if
 /// configured) in the caller's transaction.
-pub(super) async fn dead_letter(
+pub(crate) async fn dead_letter(
     shared: &Shared,
     conn: &mut PgConnection,
     id: Option<Uuid>,
@@ -15,11 +24,11 @@ pub(super) async fn dead_letter(
     if let Some(producer) = &shared.dead_letter_producer {
         publish_dead_letter(producer, &shared.consumer, message, reason, attempts).await?;
     }
-    store::dead_letter(conn, &shared.consumer, id, message, reason, attempts).await?;
+    insert(conn, &shared.consumer, id, message, reason, attempts).await?;
     Ok(())
 }
 
-pub(super) async fn publish_dead_letter(
+async fn publish_dead_letter(
     producer: &FutureProducer,
     consumer: &str,
     message: &Received,
@@ -67,4 +76,33 @@ pub(super) async fn publish_dead_letter(
         .await
         .map(|_| ())
         .map_err(|(error, _)| InboxError::DeadLetterTopic { topic, error })
+}
+
+/// Writes the dead-letter row.
+async fn insert(
+    conn: &mut PgConnection,
+    consumer: &str,
+    id: Option<Uuid>,
+    message: &Received,
+    error: &str,
+    attempts: u32,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO consign_dead_letters
+             (consumer, message_id, topic, partition, \"offset\", key, headers, payload, error, attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(consumer)
+    .bind(id)
+    .bind(&message.topic)
+    .bind(message.partition)
+    .bind(message.offset)
+    .bind(message.key.as_deref())
+    .bind(super::stored::encode(&message.headers))
+    .bind(message.payload.as_deref())
+    .bind(error)
+    .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
