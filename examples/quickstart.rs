@@ -166,7 +166,9 @@ async fn read_topic(brokers: &str, wanted: &[uuid::Uuid]) -> Result<(Vec<String>
                     .map(String::from_utf8_lossy)
             })
         };
-        let id = header("consign-id").unwrap_or_default().into_owned();
+        let id = header(consign::outbox::headers::ID)
+            .unwrap_or_default()
+            .into_owned();
         seen.push(id.clone());
         if let Some(pos) = missing.iter().position(|m| *m == id) {
             missing.swap_remove(pos);

@@ -184,7 +184,7 @@ impl std::fmt::Debug for Shared {
 /// use consign_inbox::{Delivery, InboxLayer};
 /// use tower::ServiceBuilder;
 ///
-/// # fn demo(pool: sqlx::PgPool) {
+/// # fn demo(pool: sqlx::PgPool) -> Result<(), consign_inbox::Error> {
 /// let inbox = InboxLayer::new(pool, "inventory")?;
 /// let service = ServiceBuilder::new()
 ///     .layer(inbox)
@@ -196,7 +196,8 @@ impl std::fmt::Debug for Shared {
 ///             .await?;
 ///         Ok::<_, sqlx::Error>(())
 ///     });
-/// # let _ = service; }
+/// # let _ = service;
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
 pub struct InboxLayer {

@@ -6,6 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::store::InboxStore as _;
+
 /// What [`cleanup`] deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -57,23 +59,14 @@ pub struct Cleaned {
 /// # Errors
 /// On a database error.
 pub async fn cleanup(pool: &PgPool, retention: Retention) -> sqlx::Result<Cleaned> {
-    let inbox_records = sqlx::query(
-        "DELETE FROM consign_inbox WHERE handled_at < now() - make_interval(secs => $1)",
-    )
-    .bind(retention.inbox.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let dead_letters = match retention.dead_letters {
-        Some(age) => sqlx::query(
-            "DELETE FROM consign_dead_letters WHERE failed_at < now() - make_interval(secs => $1)",
-        )
-        .bind(age.as_secs_f64())
-        .execute(pool)
+    let (inbox_records, dead_letters) = pool
+        .acquire()
         .await?
-        .rows_affected(),
-        None => 0,
-    };
+        .delete_older_than(
+            retention.inbox.as_secs_f64(),
+            retention.dead_letters.map(|age| age.as_secs_f64()),
+        )
+        .await?;
     Ok(Cleaned {
         inbox_records,
         dead_letters,

@@ -38,12 +38,12 @@ use std::{
 use chrono::{DateTime, Utc};
 use consign_outbox::PARTITIONS;
 use serde::Serialize;
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::deadline::Db;
+use crate::{deadline::Db, store::RelayStore as _};
 
 /// The owned partitions and the epoch each was acquired with.
 pub(crate) type Owned = BTreeMap<i16, i64>;
@@ -90,13 +90,7 @@ pub struct Member {
 /// # Errors
 /// If the query fails (e.g. the migrations have not been applied).
 pub async fn leases(pool: &PgPool) -> sqlx::Result<Vec<Lease>> {
-    sqlx::query_as(
-        "SELECT partition, owner, epoch, expires_at, acquired_at,
-                (owner IS NOT NULL AND expires_at > now()) AS live
-         FROM consign_relay_leases ORDER BY partition",
-    )
-    .fetch_all(pool)
-    .await
+    pool.acquire().await?.leases().await
 }
 
 /// Reads the relays whose heartbeat has not expired, by name.
@@ -104,12 +98,7 @@ pub async fn leases(pool: &PgPool) -> sqlx::Result<Vec<Lease>> {
 /// # Errors
 /// If the query fails (e.g. the migrations have not been applied).
 pub async fn members(pool: &PgPool) -> sqlx::Result<Vec<Member>> {
-    sqlx::query_as(
-        "SELECT instance, host, pid, version, started_at, heartbeat_at
-         FROM consign_relays WHERE expires_at > now() ORDER BY instance",
-    )
-    .fetch_all(pool)
-    .await
+    pool.acquire().await?.members().await
 }
 
 /// The name this relay registers under: `host-pid-xxxx`.
@@ -244,28 +233,9 @@ impl Coordinator {
     async fn round(&self) -> crate::Result<()> {
         let started = Instant::now();
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
-        let (members, renewed) = self
+        let crate::store::Renewal { members, renewed } = self
             .db
-            .run(async |conn| {
-                let mut tx = conn.begin().await?;
-                heartbeat(&mut tx, &self.instance, &self.host, ttl_ms).await?;
-                let members: Vec<String> = sqlx::query_scalar(
-                    "SELECT instance FROM consign_relays WHERE expires_at > now() ORDER BY instance",
-                )
-                .fetch_all(&mut *tx)
-                .await?;
-                let renewed: Vec<(i16, i64)> = sqlx::query_as(
-                    "UPDATE consign_relay_leases
-                     SET expires_at = now() + $2 * interval '1 millisecond'
-                     WHERE owner = $1 RETURNING partition, epoch",
-                )
-                .bind(&self.instance)
-                .bind(ttl_ms)
-                .fetch_all(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok((members, renewed))
-            })
+            .run(async |conn| conn.renew(&self.instance, &self.host, ttl_ms).await)
             .await?;
 
         let index = members
@@ -347,24 +317,10 @@ impl Coordinator {
 
     /// Acquires up to `wanted` free or expired partitions.
     async fn acquire(&self, wanted: usize, ttl_ms: i64) -> crate::Result<Vec<i16>> {
-        let query = sqlx::query_as::<_, (i16, i64)>(
-            "UPDATE consign_relay_leases AS l
-             SET owner = $1, epoch = l.epoch + 1, acquired_at = now(),
-                 expires_at = now() + $2 * interval '1 millisecond'
-             WHERE l.partition IN (
-                 SELECT partition FROM consign_relay_leases
-                 WHERE owner IS NULL OR expires_at <= now()
-                 ORDER BY partition
-                 LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING l.partition, l.epoch",
-        )
-        .bind(&self.instance)
-        .bind(ttl_ms)
-        .bind(i64::try_from(wanted).unwrap_or(i64::MAX));
+        let wanted = i64::try_from(wanted).unwrap_or(i64::MAX);
         let acquired = self
             .db
-            .run(async |conn| query.fetch_all(conn).await)
+            .run(async |conn| conn.acquire(&self.instance, ttl_ms, wanted).await)
             .await?;
         // Valid at least as long as the renewal of this round, which began
         // earlier (`apply_renewal` set `valid_until` from it).
@@ -373,72 +329,9 @@ impl Coordinator {
     }
 }
 
-async fn heartbeat(
-    conn: &mut PgConnection,
-    instance: &str,
-    host: &str,
-    ttl_ms: i64,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO consign_relays (instance, host, pid, version, expires_at)
-         VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond')
-         ON CONFLICT (instance) DO UPDATE
-         SET heartbeat_at = now(), expires_at = excluded.expires_at",
-    )
-    .bind(instance)
-    .bind(host)
-    .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
-    .bind(env!("CARGO_PKG_VERSION"))
-    .bind(ttl_ms)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("DELETE FROM consign_relays WHERE expires_at < now()")
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Gives up leases (with the epochs they were held under): owner cleared,
-/// so another relay can take them at once.
-pub(crate) async fn release(
-    conn: &mut PgConnection,
-    instance: &str,
-    partitions: &[(i16, i64)],
-) -> sqlx::Result<()> {
-    let (parts, epochs): (Vec<i16>, Vec<i64>) = partitions.iter().copied().unzip();
-    sqlx::query(
-        "UPDATE consign_relay_leases AS l
-         SET owner = NULL, expires_at = NULL
-         FROM unnest($2::int2[], $3::int8[]) AS r(partition, epoch)
-         WHERE l.partition = r.partition AND l.epoch = r.epoch AND l.owner = $1",
-    )
-    .bind(instance)
-    .bind(parts)
-    .bind(epochs)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Releases every lease of `instance` and removes its membership.
 pub(crate) async fn leave(pool: &PgPool, instance: &str) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("UPDATE consign_relay_leases SET owner = NULL, expires_at = NULL WHERE owner = $1")
-        .bind(instance)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM consign_relays WHERE instance = $1")
-        .bind(instance)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
-}
-
-/// The id naming this outbox (default prefix of transactional ids).
-pub(crate) async fn outbox_id(conn: &mut PgConnection) -> sqlx::Result<uuid::Uuid> {
-    sqlx::query_scalar("SELECT outbox_id FROM consign_outbox_identity")
-        .fetch_one(conn)
-        .await
+    pool.acquire().await?.leave(instance).await
 }
 
 #[cfg(test)]

@@ -62,6 +62,7 @@ mod handle;
 pub mod health;
 pub mod lease;
 pub mod metrics;
+mod producer_config;
 mod publish;
 mod relay;
 pub mod retention;
@@ -69,13 +70,14 @@ pub mod status;
 mod store;
 mod txn;
 
-pub use builder::{PRODUCER_DEFAULTS, RelayBuilder, check_kafka_config};
+pub use builder::RelayBuilder;
 pub use config::{Config, Profile, RelaySettings};
 pub use consign_outbox::headers;
 pub use deadline::DEFAULT_DATABASE_DEADLINE;
 pub use error::{Error, Result};
 pub use handle::{RelayHandle, RelayStats, Waker};
 pub use health::{Check, Health, Liveness, Readiness, Stall};
+pub use producer_config::{PRODUCER_DEFAULTS, check_kafka_config};
 pub use relay::Relay;
 pub use status::{Status, status};
 

@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::lease::{self, Lease, Member};
+use crate::{
+    lease::{Lease, Member},
+    store::RelayStore as _,
+};
 
 /// The outbox backlog of one partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -67,25 +70,12 @@ pub struct Status {
 /// # Errors
 /// If a query fails (e.g. the migrations have not been applied).
 pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
-    let now = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
-    let backlog = sqlx::query_as(
-        "SELECT partition, count(*) AS pending, min(created_at) AS oldest,
-                count(*) FILTER (WHERE last_error IS NOT NULL) AS failed
-         FROM consign_outbox GROUP BY partition ORDER BY partition",
-    )
-    .fetch_all(pool)
-    .await?;
-    let failed = sqlx::query_as(
-        "SELECT seq, id, topic, key, attempts, last_error, next_attempt_at
-         FROM consign_outbox WHERE last_error IS NOT NULL ORDER BY seq LIMIT $1",
-    )
-    .bind(FAILED_ROWS_SHOWN)
-    .fetch_all(pool)
-    .await?;
+    let mut conn = pool.acquire().await?;
+    let (now, backlog, failed) = conn.backlog(FAILED_ROWS_SHOWN).await?;
     Ok(Status {
         now,
-        relays: lease::members(pool).await?,
-        leases: lease::leases(pool).await?,
+        relays: conn.members().await?,
+        leases: conn.leases().await?,
         backlog,
         failed,
     })

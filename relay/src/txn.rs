@@ -23,9 +23,9 @@ use tracing::{debug, error, info, warn};
 use crate::{
     deadline::Db,
     health::Health,
-    lease::{self, Owned},
+    lease::Owned,
     publish::{Outcome, Publisher},
-    store::OutboxRow,
+    store::{OutboxRow, RelayStore as _},
 };
 
 /// The longest one init, commit or abort call waits (shorter when the
@@ -108,7 +108,7 @@ impl Transactional {
         if let Some(prefix) = &self.prefix {
             return Ok(prefix.clone());
         }
-        let id = db.run(async |conn| lease::outbox_id(conn).await).await?;
+        let id = db.run(async |conn| conn.outbox_id().await).await?;
         let prefix = format!("consign-{}", id.simple());
         self.prefix = Some(prefix.clone());
         Ok(prefix)

@@ -26,7 +26,7 @@ use tower::{Service, ServiceExt};
 
 use consign_outbox::secrets::{redacted_properties, refused_property};
 
-use crate::{BoxError, ConsumerError, InboxLayer, Received, store};
+use crate::{BoxError, ConsumerError, InboxLayer, Received, store::InboxStore as _};
 
 mod dispatch;
 mod rebalance;

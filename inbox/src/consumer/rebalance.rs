@@ -56,7 +56,7 @@ impl Ctx {
                 tokio::select! {
                     read = tokio::time::timeout(
                         STORED_OFFSETS_TIMEOUT,
-                        store::stored_offsets(&self.pool, &self.group, &self.topics),
+                        stored_offsets(&self.pool, &self.group, &self.topics),
                     ) => Some(read),
                     () = self.shutdown.cancelled() => None,
                 }
@@ -269,4 +269,13 @@ impl ConsumerContext for Ctx {
             tracing::error!(%error, "applying the rebalance failed");
         }
     }
+}
+
+/// The stored next offsets of `group` for `topics`.
+async fn stored_offsets(
+    pool: &sqlx::PgPool,
+    group: &str,
+    topics: &[String],
+) -> sqlx::Result<Vec<(String, i32, i64)>> {
+    pool.acquire().await?.stored_offsets(group, topics).await
 }

@@ -17,8 +17,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::store::InboxStore as _;
 
 mod record;
 mod requeue;
@@ -73,35 +75,6 @@ impl Selection {
             && self.until.is_none()
             && !self.all
     }
-
-    /// Appends `WHERE ...` for this selection.
-    pub(crate) fn push_where(&self, query: &mut QueryBuilder<Postgres>) {
-        query.push(" WHERE true");
-        if self.is_empty() {
-            query.push(" AND false");
-        }
-        if !self.ids.is_empty() {
-            query
-                .push(" AND id = ANY(")
-                .push_bind(self.ids.clone())
-                .push(")");
-        }
-        if let Some(consumer) = &self.consumer {
-            query.push(" AND consumer = ").push_bind(consumer.clone());
-        }
-        if let Some(key) = &self.key {
-            query
-                .push(" AND key = convert_to(")
-                .push_bind(key.clone())
-                .push(", 'UTF8')");
-        }
-        if let Some(since) = self.since {
-            query.push(" AND failed_at >= ").push_bind(since);
-        }
-        if let Some(until) = self.until {
-            query.push(" AND failed_at < ").push_bind(until);
-        }
-    }
 }
 
 /// One dead letter, as listed.
@@ -151,57 +124,10 @@ pub async fn list(
     selection: &Selection,
     limit: i64,
 ) -> sqlx::Result<Vec<DeadLetter>> {
-    type Listed = (
-        i64,
-        String,
-        Option<Uuid>,
-        String,
-        i32,
-        i64,
-        Option<Vec<u8>>,
-        String,
-        i32,
-        DateTime<Utc>,
-    );
-    let mut query = QueryBuilder::new(
-        "SELECT id, consumer, message_id, topic, partition, \"offset\", key, error, attempts, failed_at
-         FROM consign_dead_letters",
-    );
-    selection.push_where(&mut query);
-    query
-        .push(" ORDER BY failed_at, id LIMIT ")
-        .push_bind(limit);
-    let rows: Vec<Listed> = query.build_query_as().fetch_all(pool).await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                id,
-                consumer,
-                message_id,
-                topic,
-                partition,
-                offset,
-                key,
-                error,
-                attempts,
-                failed_at,
-            )| {
-                DeadLetter {
-                    id,
-                    consumer,
-                    message_id,
-                    topic,
-                    partition,
-                    offset,
-                    key: key.map(|k| String::from_utf8_lossy(&k).into_owned()),
-                    error,
-                    attempts,
-                    failed_at,
-                }
-            },
-        )
-        .collect())
+    pool.acquire()
+        .await?
+        .list_dead_letters(selection, limit)
+        .await
 }
 
 /// Dead letters per consumer.
@@ -209,12 +135,7 @@ pub async fn list(
 /// # Errors
 /// On a database error.
 pub async fn counts(pool: &PgPool) -> sqlx::Result<Vec<DeadLetterCount>> {
-    sqlx::query_as(
-        "SELECT consumer, count(*) AS count, max(failed_at) AS latest
-         FROM consign_dead_letters GROUP BY consumer ORDER BY consumer",
-    )
-    .fetch_all(pool)
-    .await
+    pool.acquire().await?.count_dead_letters().await
 }
 
 /// Deletes the selected dead letters. Returns how many.
@@ -222,7 +143,5 @@ pub async fn counts(pool: &PgPool) -> sqlx::Result<Vec<DeadLetterCount>> {
 /// # Errors
 /// On a database error.
 pub async fn purge(pool: &PgPool, selection: &Selection) -> sqlx::Result<u64> {
-    let mut query = QueryBuilder::new("DELETE FROM consign_dead_letters");
-    selection.push_where(&mut query);
-    Ok(query.build().execute(pool).await?.rows_affected())
+    pool.acquire().await?.purge_dead_letters(selection).await
 }

@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{InboxError, Received, layer::Shared};
+use crate::{InboxError, Received, layer::Shared, store::InboxStore as _};
 
 /// Writes the dead-letter row (and publishes to `<topic>.dlq` if
 /// configured) in the caller's transaction.
@@ -24,7 +24,8 @@ pub(crate) async fn dead_letter(
     if let Some(producer) = &shared.dead_letter_producer {
         publish_dead_letter(producer, &shared.consumer, message, reason, attempts).await?;
     }
-    insert(conn, &shared.consumer, id, message, reason, attempts).await?;
+    conn.insert_dead_letter(&shared.consumer, id, message, reason, attempts)
+        .await?;
     Ok(())
 }
 
@@ -76,33 +77,4 @@ async fn publish_dead_letter(
         .await
         .map(|_| ())
         .map_err(|(error, _)| InboxError::DeadLetterTopic { topic, error })
-}
-
-/// Writes the dead-letter row.
-async fn insert(
-    conn: &mut PgConnection,
-    consumer: &str,
-    id: Option<Uuid>,
-    message: &Received,
-    error: &str,
-    attempts: u32,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO consign_dead_letters
-             (consumer, message_id, topic, partition, \"offset\", key, headers, payload, error, attempts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(consumer)
-    .bind(id)
-    .bind(&message.topic)
-    .bind(message.partition)
-    .bind(message.offset)
-    .bind(message.key.as_deref())
-    .bind(super::stored::encode(&message.headers))
-    .bind(message.payload.as_deref())
-    .bind(error)
-    .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
-    .execute(conn)
-    .await?;
-    Ok(())
 }

@@ -4,11 +4,12 @@
 use chrono::{DateTime, Utc};
 use consign_outbox::{Message, Outbox, headers};
 use serde::Serialize;
-use serde_json::Value;
-use sqlx::{PgConnection, PgPool, QueryBuilder};
+
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{Selection, stored};
+use crate::store::{InboxStore as _, StoredLetter};
 
 /// What a requeue did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -20,20 +21,8 @@ pub struct Requeued {
     pub skipped: Vec<(i64, String)>,
 }
 
-#[derive(sqlx::FromRow)]
-struct Letter {
-    id: i64,
-    failed_at: DateTime<Utc>,
-    consumer: String,
-    message_id: Option<Uuid>,
-    topic: String,
-    key: Option<Vec<u8>>,
-    headers: Value,
-    payload: Option<Vec<u8>>,
-}
-
 /// The outbox message a letter becomes, or why it cannot.
-fn to_message(letter: &Letter) -> Result<Message, String> {
+fn to_message(letter: &StoredLetter) -> Result<Message, String> {
     let key = match &letter.key {
         None => None,
         Some(bytes) => Some(
@@ -96,24 +85,7 @@ pub async fn requeue(
     // REQUEUE_PAGE of them in memory.
     let mut after: Option<(DateTime<Utc>, i64)> = None;
     loop {
-        let mut query = QueryBuilder::new(
-            "SELECT id, failed_at, consumer, message_id, topic, key, headers, payload
-             FROM consign_dead_letters",
-        );
-        selection.push_where(&mut query);
-        if let Some((failed_at, id)) = after {
-            query
-                .push(" AND (failed_at, id) > (")
-                .push_bind(failed_at)
-                .push(", ")
-                .push_bind(id)
-                .push(")");
-        }
-        query
-            .push(" ORDER BY failed_at, id LIMIT ")
-            .push_bind(REQUEUE_PAGE)
-            .push(" FOR UPDATE");
-        let letters: Vec<Letter> = query.build_query_as().fetch_all(&mut *tx).await?;
+        let letters = tx.lock_dead_letters(selection, after, REQUEUE_PAGE).await?;
         let Some(last) = letters.last() else {
             break;
         };
@@ -130,7 +102,7 @@ const REQUEUE_PAGE: i64 = 100;
 async fn requeue_page(
     tx: &mut PgConnection,
     outbox: &Outbox,
-    letters: &[Letter],
+    letters: &[StoredLetter],
     done: &mut Requeued,
 ) -> consign_outbox::Result<()> {
     let mut messages = Vec::with_capacity(letters.len());
@@ -152,14 +124,7 @@ async fn requeue_page(
     }
     let ids = outbox.enqueue_batch(&mut *tx, &messages).await?;
     for (letter, id) in taken.into_iter().zip(ids) {
-        sqlx::query("DELETE FROM consign_inbox WHERE consumer = $1 AND message_id = $2")
-            .bind(&letter.consumer)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM consign_dead_letters WHERE id = $1")
-            .bind(letter.id)
-            .execute(&mut *tx)
+        tx.forget_dead_letter(letter.id, &letter.consumer, id)
             .await?;
         done.requeued.push((letter.id, id));
     }
@@ -168,12 +133,12 @@ async fn requeue_page(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
-    fn letter(key: Option<&[u8]>, headers: Value) -> Letter {
-        Letter {
+    fn letter(key: Option<&[u8]>, headers: Value) -> StoredLetter {
+        StoredLetter {
             id: 1,
             failed_at: Utc::now(),
             consumer: "c".into(),

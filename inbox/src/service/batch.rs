@@ -61,7 +61,7 @@ where
     let mut new = if valid.is_empty() {
         HashSet::new()
     } else {
-        store::record_ids(&mut tx, &shared.consumer, &valid).await?
+        tx.record_ids(&shared.consumer, &valid).await?
     };
     let mut outcome = BatchOutcome::default();
     // Dead-lettered once every handler has succeeded, so that a rollback
@@ -160,7 +160,8 @@ pub(super) async fn settle_batch(
         *next = (*next).max(message.offset + 1);
     }
     for ((topic, partition), next) in next_offsets {
-        store::record_offset(&mut tx, &shared.consumer, topic, partition, next).await?;
+        tx.record_offset(&shared.consumer, topic, partition, next)
+            .await?;
     }
     tx.commit().await?;
     Ok(())

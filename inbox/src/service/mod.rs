@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::delivery::{DecodeError, Rejected};
 use crate::layer::{Counted, MissingId, Shared};
-use crate::{BoxError, Delivery, InboxError, Received, store};
+use crate::{BoxError, Delivery, InboxError, Received, store::InboxStore as _};
 
 mod attempt;
 mod batch;

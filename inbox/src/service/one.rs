@@ -43,10 +43,7 @@ where
                 return Ok((Outcome::DeadLettered { reason }, failed));
             }
         };
-        if store::record_ids(&mut tx, &shared.consumer, &[id])
-            .await?
-            .is_empty()
-        {
+        if tx.record_ids(&shared.consumer, &[id]).await?.is_empty() {
             finish(shared, tx, message).await?;
             shared.count(Counted::Duplicate, 1);
             return Ok((Outcome::Duplicate, failed));
@@ -92,8 +89,7 @@ pub(super) async fn finish(
     mut tx: Transaction<'static, Postgres>,
     message: &Received,
 ) -> Result<(), InboxError> {
-    store::record_offset(
-        &mut tx,
+    tx.record_offset(
         &shared.consumer,
         &message.topic,
         message.partition,
@@ -115,9 +111,7 @@ pub(super) async fn give_up(
     let mut tx = shared.pool.begin().await?;
     let id = id.as_ref().ok().copied();
     if let Some(id) = id
-        && store::record_ids(&mut tx, &shared.consumer, &[id])
-            .await?
-            .is_empty()
+        && tx.record_ids(&shared.consumer, &[id]).await?.is_empty()
     {
         // Handled meanwhile by another consumer of the group.
         finish(shared, tx, message).await?;

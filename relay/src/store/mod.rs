@@ -1,0 +1,206 @@
+//! The relay's storage seam. Each backend is one module holding all of its
+//! SQL (today [`postgres`]); [`RelayStore`] is everything the relay's logic
+//! (publishing loop, lease coordinator, health sampler, status, archive)
+//! asks of a connection. A second database is a second module implementing
+//! it, plus the connection type in the relay's `Db` (see the MySQL/SQLite
+//! notes in DEVELOPERS.md): the loop itself does not change.
+//!
+//! What every backend must give the methods:
+//! - rows of one key in `seq` (insert) order, skipping rows waiting for a
+//!   retry and every later row of their key and topic;
+//! - fenced writes: [`delete_published`](RelayStore::delete_published),
+//!   [`record_failures`](RelayStore::record_failures) and
+//!   [`held`](RelayStore::held) check the lease rows against the epochs the
+//!   relay read its rows under and lock them shared until the transaction
+//!   ends (PostgreSQL `FOR SHARE`; MySQL `LOCK IN SHARE MODE`; SQLite's one
+//!   writer), so a relay that lost a lease cannot delete its rows;
+//! - the database's clock for every lease time.
+
+use std::{collections::BTreeMap, future::Future};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{
+    lease::{Lease, Member, Owned},
+    status::{Backlog, FailedRow},
+};
+
+mod postgres;
+
+/// One outbox row as the relay reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct OutboxRow {
+    pub(crate) seq: i64,
+    pub(crate) id: Uuid,
+    pub(crate) partition: i16,
+    pub(crate) topic: String,
+    pub(crate) key: Option<String>,
+    pub(crate) event_type: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) headers: serde_json::Value,
+    pub(crate) traceparent: Option<String>,
+    pub(crate) tracestate: Option<String>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) attempts: i32,
+}
+
+impl OutboxRow {
+    /// User headers as strings. Rows written by consign hold only strings; a
+    /// row written by hand with another JSON value gets that value's JSON text.
+    pub(crate) fn user_headers(&self) -> BTreeMap<&str, String> {
+        let Some(object) = self.headers.as_object() else {
+            return BTreeMap::new();
+        };
+        object
+            .iter()
+            .map(|(name, value)| {
+                let value = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (name.as_str(), value)
+            })
+            .collect()
+    }
+}
+
+/// A failed publish attempt to record on its row.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) seq: i64,
+    pub(crate) error: String,
+    pub(crate) retry_in_ms: i64,
+}
+
+/// The leases a relay holds: its instance name and, per partition, the
+/// epoch it read rows under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fence<'a> {
+    pub(crate) instance: &'a str,
+    pub(crate) owned: &'a Owned,
+}
+
+/// The outbox backlog as the health sampler exports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct BacklogSample {
+    /// Rows waiting.
+    pub(crate) pending: i64,
+    /// Age of the oldest waiting row in seconds (0 when empty).
+    pub(crate) oldest_age_seconds: f64,
+    /// Waiting rows whose last attempt failed.
+    pub(crate) with_errors: i64,
+}
+
+/// What a coordinator round read: the live members by name, and the
+/// leases renewed as `(partition, epoch)`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Renewal {
+    pub(crate) members: Vec<String>,
+    pub(crate) renewed: Vec<(i16, i64)>,
+}
+
+/// What the relay needs from a database connection. Implemented for
+/// [`sqlx::PgConnection`]; each method is one round (or one transaction)
+/// and returns the database's error untouched, so the callers' deadline and
+/// retry rules apply alike to every backend.
+pub(crate) trait RelayStore: Send {
+    /// The next rows to publish from `partitions`, in `seq` order: at most
+    /// `limit` rows and `max_bytes` of payload, key and headers (the first
+    /// row always, however large). Skips rows waiting for a retry and every
+    /// later row of the same topic and key.
+    fn fetch_batch(
+        &mut self,
+        partitions: &[i16],
+        limit: i64,
+        max_bytes: i64,
+    ) -> impl Future<Output = sqlx::Result<Vec<OutboxRow>>> + Send;
+
+    /// Deletes (or with `archive`, moves to the archive) acknowledged rows
+    /// of partitions `fence` still holds. Returns how many; rows of lost
+    /// partitions stay for their new owner.
+    fn delete_published(
+        &mut self,
+        fence: Fence<'_>,
+        seqs: &[i64],
+        archive: bool,
+    ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+    /// Records publish failures (error, next attempt) on rows of partitions
+    /// `fence` still holds.
+    fn record_failures(
+        &mut self,
+        fence: Fence<'_>,
+        failures: &[Failure],
+    ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+    /// The partitions of `fence` still leased under the same epochs.
+    fn held(&mut self, fence: Fence<'_>) -> impl Future<Output = sqlx::Result<Vec<i16>>> + Send;
+
+    /// One coordinator round, in one transaction: refreshes `instance`'s
+    /// heartbeat (registering it on `host` if new, expiring dead members),
+    /// reads the live members by name, and renews `instance`'s leases for
+    /// `ttl_ms`.
+    fn renew(
+        &mut self,
+        instance: &str,
+        host: &str,
+        ttl_ms: i64,
+    ) -> impl Future<Output = sqlx::Result<Renewal>> + Send;
+
+    /// Acquires up to `wanted` free or expired partitions for `instance`
+    /// (incrementing their epochs), skipping those another relay is
+    /// acquiring at the same moment.
+    fn acquire(
+        &mut self,
+        instance: &str,
+        ttl_ms: i64,
+        wanted: i64,
+    ) -> impl Future<Output = sqlx::Result<Vec<(i16, i64)>>> + Send;
+
+    /// Gives up leases held under the given epochs: owner cleared, so
+    /// another relay can take them at once.
+    fn release(
+        &mut self,
+        instance: &str,
+        partitions: &[(i16, i64)],
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Releases every lease of `instance` and removes its membership, in
+    /// one transaction.
+    fn leave(&mut self, instance: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// The id naming this outbox (default prefix of transactional ids).
+    fn outbox_id(&mut self) -> impl Future<Output = sqlx::Result<Uuid>> + Send;
+
+    /// Every partition's lease, in partition order.
+    fn leases(&mut self) -> impl Future<Output = sqlx::Result<Vec<Lease>>> + Send;
+
+    /// The relays whose heartbeat has not expired, by name.
+    fn members(&mut self) -> impl Future<Output = sqlx::Result<Vec<Member>>> + Send;
+
+    /// The backlog gauges.
+    fn sample_backlog(&mut self) -> impl Future<Output = sqlx::Result<BacklogSample>> + Send;
+
+    /// The database's clock, the backlog per partition and up to `limit`
+    /// failed rows (oldest first), as `consign-relay status` shows them.
+    fn backlog(
+        &mut self,
+        limit: i64,
+    ) -> impl Future<Output = sqlx::Result<(DateTime<Utc>, Vec<Backlog>, Vec<FailedRow>)>> + Send;
+
+    /// Creates the archive's partitions of today and the next `days_ahead`
+    /// days (UTC) if missing.
+    fn ensure_archive_partitions(
+        &mut self,
+        days_ahead: i32,
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Drops the archive's day partitions whose whole day is older than
+    /// `older_than_ms` (database clock) and deletes rows that old from its
+    /// default partition. Returns the partitions dropped and the rows deleted.
+    fn drop_archive(
+        &mut self,
+        older_than_ms: i64,
+    ) -> impl Future<Output = sqlx::Result<(Vec<String>, u64)>> + Send;
+}
