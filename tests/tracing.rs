@@ -126,6 +126,28 @@ async fn one_trace_spans_enqueue_relay_and_handler(pool: PgPool) {
         .find(|s| s.name == "consign.handle" && s.span_context.trace_id() == trace_id)
         .expect("a consign.handle span in the writer's trace");
     assert_eq!(handle.parent_span_id, request_span_id);
+    // One naming scheme, ids as fields (issue 14 item 7): the enqueue is a
+    // child of the request, and the relay's batch and produce spans exist.
+    let enqueue = spans
+        .iter()
+        .find(|s| s.name == "consign.enqueue" && s.span_context.trace_id() == trace_id)
+        .expect("a consign.enqueue span in the writer's trace");
+    assert_eq!(enqueue.parent_span_id, request_span_id);
+    assert!(
+        enqueue
+            .attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "message_id"),
+        "{:?}",
+        enqueue.attributes
+    );
+    for name in ["consign.relay.batch", "consign.relay.produce"] {
+        assert!(
+            spans.iter().any(|s| s.name == name),
+            "no {name} span among {:?}",
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+    }
     println!(
         "trace {trace_id}: place_order → Kafka header → consign.handle ({} spans exported)",
         spans.len()
