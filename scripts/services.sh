@@ -6,11 +6,14 @@
 #               `postgres` and `root` (superusers), database `test`,
 #               wal_level=logical (for CDC peers such as Debezium), TLS
 #               with a test CA (/etc/postgresql/<v>/main/consign-tls/ca.crt).
+#   MariaDB     127.0.0.1:3306, user `consign` password `consign` (all
+#               privileges: the tests create databases), database `test`;
+#               `root` keeps unix_socket for the OS root.
 #   Kafka       Apache Kafka's jars from Maven Central, resolved from
 #               test-support/kafka/pom.xml into a cache outside the repository
 #               (scripts/kafka.sh); the tests start the brokers themselves.
 #
-# Usage: scripts/services.sh [postgres] [kafka]   (no argument: all)
+# Usage: scripts/services.sh [postgres] [mariadb] [kafka]   (no argument: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -166,6 +169,64 @@ EOF
     ensure_roles
 }
 
+# --- MariaDB -----------------------------------------------------------------
+
+MARIADB_PORT=3306
+
+mariadb_tcp() {
+    mariadb --protocol=TCP -h 127.0.0.1 -P "$MARIADB_PORT" -u consign -pconsign "$@"
+}
+
+mariadb_server() {
+    step "MariaDB"
+    if ! [ -x /usr/sbin/mariadbd ]; then
+        say "MariaDB missing; installing Debian's mariadb-server"
+        apt_install mariadb-server mariadb-client
+    fi
+    local conf=/etc/mysql/mariadb.conf.d/99-consign.cnf changed="" wanted
+    wanted="$(cat <<EOF
+# Managed by consign's scripts/services.sh (test machine settings).
+[mysqld]
+bind-address = 127.0.0.1
+port = $MARIADB_PORT
+max_connections = 400
+# Durability as in production: the crash tests rely on committed = on disk.
+innodb_flush_log_at_trx_commit = 1
+EOF
+)"
+    if [ "$(as_root cat "$conf" 2>/dev/null)" != "$wanted" ]; then
+        printf '%s\n' "$wanted" | as_root tee "$conf" >/dev/null
+        changed=1
+    fi
+    local running=""
+    if as_root sh -c 'test -S /run/mysqld/mysqld.sock' && as_root mariadb-admin ping >/dev/null 2>&1; then
+        running=1
+    fi
+    if [ -n "$running" ] && [ -n "$changed" ]; then
+        say "settings changed; restarting MariaDB"
+        as_root /etc/init.d/mariadb restart >&2
+    elif [ -z "$running" ]; then
+        say "starting MariaDB"
+        as_root /etc/init.d/mariadb start >&2
+    fi
+    for _ in $(seq 1 60); do
+        as_root mariadb-admin ping >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    as_root mariadb -u root -e "
+        CREATE USER IF NOT EXISTS 'consign'@'localhost' IDENTIFIED BY 'consign';
+        CREATE USER IF NOT EXISTS 'consign'@'%' IDENTIFIED BY 'consign';
+        GRANT ALL PRIVILEGES ON *.* TO 'consign'@'localhost';
+        GRANT ALL PRIVILEGES ON *.* TO 'consign'@'%';
+        CREATE DATABASE IF NOT EXISTS test" >&2
+    mariadb_tcp -e 'SELECT 1' >/dev/null || {
+        say "error: MariaDB does not accept consign on 127.0.0.1:$MARIADB_PORT"
+        say "its log: /var/log/mysql/error.log"
+        exit 1
+    }
+    say "MariaDB on 127.0.0.1:$MARIADB_PORT ($(mariadb_tcp -N -e 'SELECT version()'))"
+}
+
 # --- Kafka -------------------------------------------------------------------
 
 kafka() {
@@ -177,11 +238,12 @@ kafka() {
     scripts/kafka.sh fetch >&2
 }
 
-if [ "$#" -eq 0 ]; then set -- postgres kafka; fi
+if [ "$#" -eq 0 ]; then set -- postgres mariadb kafka; fi
 for service in "$@"; do
     case "$service" in
         postgres) postgres ;;
+        mariadb) mariadb_server ;;
         kafka) kafka ;;
-        *) say "unknown service: $service (known: postgres, kafka)"; exit 2 ;;
+        *) say "unknown service: $service (known: postgres, mariadb, kafka)"; exit 2 ;;
     esac
 done

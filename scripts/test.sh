@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares what consign's tests need and runs them all:
-#   1. services (scripts/services.sh): PostgreSQL on 127.0.0.1:5432, installed
-#      from Debian's packages and started when missing; Apache Kafka's jars from
+#   1. services (scripts/services.sh): PostgreSQL on 127.0.0.1:5432 and MariaDB
+#      on 127.0.0.1:3306, installed from Debian's packages and started when
+#      missing; Apache Kafka's jars from
 #      Maven Central (the tests start real brokers from them),
 #   2. the consign-relay binary and the test consumer the crash tests kill,
 #   3. fmt and clippy checks, every test and doctest on both broker tiers
@@ -15,7 +16,7 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-./scripts/services.sh postgres kafka
+./scripts/services.sh postgres mariadb kafka
 TEST_KAFKA_LIBS="$(./scripts/kafka.sh libs)"
 # The tier was just installed: a test that cannot reach it fails, never skips.
 export TEST_KAFKA_LIBS TEST_KAFKA_REQUIRED=1

@@ -378,6 +378,70 @@ async fn migrate_command_creates_the_schema_and_is_idempotent(pool: PgPool) {
     }
 }
 
+/// `consign-relay migrate` picks the backend by the URL's scheme: consign's
+/// schema on MariaDB (mysql://) and SQLite (sqlite://, the file created),
+/// twice without error; `run` on those URLs is refused naming what works.
+#[tokio::test]
+async fn migrate_command_picks_the_backend_by_url_scheme() {
+    let (mysql_url, mysql_db) = consign_test_support::backends::mysql_database()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}", dir.path().join("consign.db").display());
+    let latest = |dir: &str| {
+        std::fs::read_dir(format!("{}/migrations/{dir}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap()
+            .count()
+    };
+    for (url, backend) in [(&mysql_url, "mysql"), (&sqlite_url, "sqlite")] {
+        for _ in 0..2 {
+            let (ok, output) = relay_with_env(&["migrate"], &[("DATABASE_URL", url)]).await;
+            assert!(ok, "{backend}: {output}");
+            assert!(
+                output.contains(&format!("consign schema is at version {}", latest(backend))),
+                "{backend}: {output}"
+            );
+        }
+        let (ok, output) = relay_with_env(
+            &["config", "check"],
+            &[
+                ("DATABASE_URL", url),
+                ("CONSIGN_KAFKA__BOOTSTRAP_SERVERS", "h:1"),
+            ],
+        )
+        .await;
+        assert!(!ok, "{backend}: {output}");
+        assert!(
+            output.contains("the relay runs on PostgreSQL so far"),
+            "{backend}: {output}"
+        );
+    }
+    let leases: i64 = {
+        let pool = sqlx::MySqlPool::connect(&mysql_url).await.unwrap();
+        let n = sqlx::query_scalar("SELECT count(*) FROM consign_relay_leases")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n
+    };
+    assert_eq!(leases, 32);
+    let sqlite = sqlx::SqlitePool::connect(&sqlite_url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name LIKE 'consign_%'",
+    )
+    .fetch_one(&sqlite)
+    .await
+    .unwrap();
+    assert_eq!(
+        tables, 8,
+        "outbox, inbox, offsets, dead letters, leases, relays, identity, archive"
+    );
+    consign_test_support::backends::drop_mysql(None, &mysql_db)
+        .await
+        .unwrap();
+}
+
 /// Runs `consign-relay` with `args` and only the environment `env`; returns
 /// whether it succeeded and what it printed.
 async fn relay_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {

@@ -56,14 +56,26 @@ pub(crate) fn database(config: &Config) -> Result<sqlx::PgPool> {
     Ok(config.database.connect_lazy_unbounded()?)
 }
 
+/// `migrate`: consign's schema on the database of `database.url`, chosen by
+/// its scheme (postgres://, mysql:// or sqlite://).
 async fn migrate(config: &Config) -> Result<()> {
-    let pool = database(config)?;
-    consign_outbox::migrate(&pool).await?;
-    let latest = consign_outbox::MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or(0);
+    let url = config.database.url.trim();
+    let migrator = if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        let pool = sqlx::MySqlPool::connect(url).await?;
+        consign_outbox::migrate(&pool).await?;
+        &consign_outbox::MYSQL_MIGRATOR
+    } else if url.starts_with("sqlite:") {
+        let options = url
+            .parse::<sqlx::sqlite::SqliteConnectOptions>()?
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await?;
+        consign_outbox::migrate(&pool).await?;
+        &consign_outbox::SQLITE_MIGRATOR
+    } else {
+        consign_outbox::migrate(&database(config)?).await?;
+        &consign_outbox::MIGRATOR
+    };
+    let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
     println!("consign schema is at version {latest}");
     Ok(())
 }

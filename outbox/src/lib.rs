@@ -72,26 +72,47 @@ pub use validate::Limits;
 /// apart from your own `_sqlx_migrations`.
 pub const MIGRATIONS_TABLE: &str = "_consign_migrations";
 
-/// consign's schema migrations (the `migrations/` directory), for
+/// A migrator recording itself in [`MIGRATIONS_TABLE`].
+macro_rules! consign_migrator {
+    ($dir:literal) => {{
+        let mut migrator = sqlx::migrate!($dir);
+        // Plain assignment would drop the old `Cow` at compile time, which a
+        // static cannot do; the old value is a borrowed literal, so forget it.
+        std::mem::forget(std::mem::replace(
+            &mut migrator.table_name,
+            std::borrow::Cow::Borrowed(MIGRATIONS_TABLE),
+        ));
+        migrator
+    }};
+}
+
+/// consign's schema migrations for PostgreSQL (`migrations/postgres`), for
 /// `#[sqlx::test(migrator = "consign_outbox::MIGRATOR")]` and
 /// [`migrate`]. They record themselves in [`MIGRATIONS_TABLE`].
-pub static MIGRATOR: sqlx::migrate::Migrator = {
-    let mut migrator = sqlx::migrate!("../migrations");
-    // Plain assignment would drop the old `Cow` at compile time, which a
-    // static cannot do; the old value is a borrowed literal, so forget it.
-    std::mem::forget(std::mem::replace(
-        &mut migrator.table_name,
-        std::borrow::Cow::Borrowed(MIGRATIONS_TABLE),
-    ));
-    migrator
-};
+pub static MIGRATOR: sqlx::migrate::Migrator = consign_migrator!("../migrations/postgres");
 
-/// Applies consign's migrations that are not applied yet. Running it again
-/// is a no-op; concurrent runs are serialized by an advisory lock.
+/// consign's schema for MySQL 8 and MariaDB 10.6+ (`migrations/mysql`;
+/// feature `mysql`): the same tables and meaning as on PostgreSQL.
+#[cfg(feature = "mysql")]
+pub static MYSQL_MIGRATOR: sqlx::migrate::Migrator = consign_migrator!("../migrations/mysql");
+
+/// consign's schema for SQLite (`migrations/sqlite`; feature `sqlite`): the
+/// same tables and meaning as on PostgreSQL.
+#[cfg(feature = "sqlite")]
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = consign_migrator!("../migrations/sqlite");
+
+/// Applies consign's migrations that are not applied yet, for the pool's
+/// database (`PgPool`; `MySqlPool` and `SqlitePool` with the features
+/// `mysql` and `sqlite`). Running it again is a no-op; concurrent runs are
+/// serialized by a lock (advisory lock on PostgreSQL, `GET_LOCK` on MySQL).
 ///
 /// # Errors
 /// The migration error from sqlx (connection, permission, or a changed
-/// migration file).
-pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+/// migration file); on MySQL also a server older than MySQL 8.0 or MariaDB
+/// 10.6, named in the error.
+pub async fn migrate<P: Migrate + ?Sized>(pool: &P) -> Result<(), sqlx::migrate::MigrateError> {
+    pool.run_migrations().await
 }
+
+mod migrate;
+pub use migrate::Migrate;

@@ -15,6 +15,7 @@
 //! - [`tap`]: a Kafka protocol tap that shows what each transaction produced
 //!   and whether it committed.
 
+pub mod backends;
 mod cluster;
 pub mod db;
 pub mod effects;

@@ -1,7 +1,11 @@
 //! Database backends. Each backend is one module holding its SQL; the
 //! [`OutboxConnection`] trait is all the outbox needs from it.
 
+#[cfg(feature = "mysql")]
+mod mysql;
 mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::future::Future;
 
@@ -10,8 +14,10 @@ use crate::Message;
 /// A connection the outbox can insert messages on: `&mut *tx` for a sqlx
 /// transaction, or `&mut *conn` for a pooled connection.
 ///
-/// Implemented for [`sqlx::PgConnection`]. Sealed: other databases come as
-/// modules of this crate.
+/// Implemented for [`sqlx::PgConnection`], and with the features `mysql`
+/// and `sqlite` for `sqlx::MySqlConnection` (MySQL 8, MariaDB 10.6+) and
+/// `sqlx::SqliteConnection`. Sealed: other databases come as modules of this
+/// crate.
 pub trait OutboxConnection: sealed::Sealed + Send {
     /// Inserts already validated messages, in order, with one statement.
     #[doc(hidden)]
@@ -21,7 +27,56 @@ pub trait OutboxConnection: sealed::Sealed + Send {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'a;
 }
 
+/// Inserts `msgs` with multi-row `INSERT`s of at most `max_binds` bound
+/// values each (9 per message), the column names quoted as the backend
+/// wants (`partition` and `key` are reserved words). Within a statement the
+/// rows get increasing `seq`s in their order, on every backend.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+async fn insert_rows<DB>(
+    conn: &mut DB::Connection,
+    columns: &'static str,
+    max_binds: usize,
+    msgs: &[Message],
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> uuid::Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i16: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for chunk in msgs.chunks(max_binds / 9) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for msg in chunk {
+            let headers = serde_json::to_string(&msg.stored_headers())
+                .map_err(|e| sqlx::Error::Encode(e.into()))?;
+            rows.push((msg, headers));
+        }
+        let mut query = sqlx::QueryBuilder::<DB>::new(columns);
+        query.push_values(rows, |mut row, (msg, headers)| {
+            row.push_bind(msg.id())
+                .push_bind(msg.partition())
+                .push_bind(msg.topic().to_owned())
+                .push_bind(msg.key().map(str::to_owned))
+                .push_bind(msg.event_type().to_owned())
+                .push_bind(msg.payload().to_vec())
+                .push_bind(headers)
+                .push_bind(msg.traceparent().map(str::to_owned))
+                .push_bind(msg.tracestate().map(str::to_owned));
+        });
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for sqlx::PgConnection {}
+    #[cfg(feature = "mysql")]
+    impl Sealed for sqlx::MySqlConnection {}
+    #[cfg(feature = "sqlite")]
+    impl Sealed for sqlx::SqliteConnection {}
 }

@@ -115,7 +115,8 @@ impl DatabaseSettings {
         if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
             return Err(Error::config(
                 "database.url",
-                "must start with postgres:// or postgresql:// (consign's relay supports PostgreSQL)",
+                "must start with postgres:// or postgresql:// (the relay runs on PostgreSQL so far; \
+                 on mysql:// and sqlite:// consign has the outbox and `consign-relay migrate` only)",
             ));
         }
         let options = PgConnectOptions::from_str(&self.url).map_err(|e| {
