@@ -37,10 +37,13 @@
 //! ## Crates
 //! - [`outbox`] (`consign-outbox`): the message model and `enqueue`.
 //! - [`relay`] (`consign-relay`, feature `relay`, on by default): the relay
-//!   as a library; the same crate builds the `consign-relay` binary.
+//!   as a library; the `consign-relay` binary is the `consign-cli` crate.
 //! - [`inbox`] (`consign-inbox`, feature `inbox`, on by default): tower
 //!   middleware and a Kafka consumer runner that make each message's effect
 //!   happen once.
+//!
+//! Features `mysql` and `sqlite` add those databases to the outbox
+//! (`enqueue`, `migrate`); the relay and the inbox run on PostgreSQL so far.
 
 pub use consign_outbox as outbox;
 pub use consign_outbox::{Event, MIGRATOR, Message, Outbox, migrate};
