@@ -32,7 +32,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use consign::{Event, Message, Outbox, Relay};
+use consign::{Message, Outbox, Relay};
 use consign_test_support::{BrokerKind as Kind, RelayProcess, TestBroker};
 use futures_util::future::join_all;
 use hdrhistogram::Histogram;
@@ -41,36 +41,26 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use serde::Serialize;
 use sqlx::{
     ConnectOptions, Connection, Executor, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
 
-const TOPIC: &str = "bench.orders";
+#[macro_use]
+#[path = "support/orders.rs"]
+mod orders;
 
-#[derive(Serialize)]
-struct OrderPlaced {
-    order_id: i64,
-    customer: &'static str,
-    total_cents: i64,
-}
+use orders::{OrderPlaced, TOPIC, env_number};
 
-impl Event for OrderPlaced {
-    const TOPIC: &'static str = TOPIC;
-    const EVENT_TYPE: &'static str = "OrderPlaced";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.to_string())
-    }
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+backend_bench!(
+    postgres,
+    sqlx::PgPool,
+    "INSERT INTO bench_orders (id, customer, total_cents) VALUES ($1, $2, $3)",
+    "INSERT INTO consign_outbox (id, partition, topic, key, event_type, payload) \
+     VALUES ($1, $2, $3, $4, $5, $6)",
+    "TRUNCATE consign_outbox"
+);
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
@@ -154,141 +144,11 @@ fn backlog(kind: Kind) -> u64 {
 
 // ---------------------------------------------------------------- (a) TPS
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Variant {
-    NoEvent,
-    HandWritten,
-    Consign,
-}
-
-const HAND_WRITTEN: &str = "INSERT INTO consign_outbox (id, partition, topic, key, event_type, payload) \
-                            VALUES ($1, $2, $3, $4, $5, $6)";
-
-async fn one_transaction(pool: &PgPool, variant: Variant, id: i64, outbox: &Outbox) -> Result<()> {
-    let order = OrderPlaced {
-        order_id: id,
-        customer: "ada",
-        total_cents: 1250,
-    };
-    let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO bench_orders (id, customer, total_cents) VALUES ($1, $2, $3)")
-        .bind(order.order_id)
-        .bind(order.customer)
-        .bind(order.total_cents)
-        .execute(&mut *tx)
-        .await?;
-    match variant {
-        Variant::NoEvent => {}
-        Variant::HandWritten => {
-            let key = order.order_id.to_string();
-            let event_id = Uuid::now_v7();
-            sqlx::query(HAND_WRITTEN)
-                .bind(event_id)
-                .bind(consign::outbox::partition_for(Some(&key), &event_id))
-                .bind(TOPIC)
-                .bind(&key)
-                .bind("OrderPlaced")
-                .bind(serde_json::to_vec(&order)?)
-                .execute(&mut *tx)
-                .await?;
-        }
-        Variant::Consign => {
-            outbox.enqueue_event(&mut *tx, &order).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-async fn measure_tps(
-    pool: &PgPool,
-    variant: Variant,
-    clients: usize,
-    seconds: u64,
-    ids: &Arc<AtomicI64>,
-) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let counts = join_all((0..clients).map(|_| {
-        let (pool, ids) = (pool.clone(), Arc::clone(ids));
-        async move {
-            let outbox = Outbox::new();
-            let mut done = 0u64;
-            while Instant::now() < deadline {
-                let id = ids.fetch_add(1, Ordering::Relaxed);
-                one_transaction(&pool, variant, id, &outbox)
-                    .await
-                    .expect("transaction");
-                done += 1;
-            }
-            done
-        }
-    }))
-    .await;
-    counts.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64()
-}
-
+/// (a): business transactions per second with and without the outbox (the
+/// benchmark `benches/backends.rs` runs on every database), the outbox
+/// emptied afterwards for (b).
 async fn transactions(pool: &PgPool) -> Result<()> {
-    let seconds = env_number("BENCH_SECONDS", 4);
-    let clients = 8;
-    let rounds = 3;
-    println!(
-        "(a) business transactions/s: order INSERT + event, {clients} clients, {rounds} interleaved rounds of {seconds} s"
-    );
-    let ids = Arc::new(AtomicI64::new(1));
-    let variants = [Variant::NoEvent, Variant::HandWritten, Variant::Consign];
-    // Warm up connections and plans.
-    for v in variants {
-        measure_tps(pool, v, clients, 1, &ids).await;
-    }
-    let mut results: HashMap<Variant, Vec<f64>> = HashMap::new();
-    for round in 0..rounds {
-        for i in 0..variants.len() {
-            let variant = variants[(i + round) % variants.len()];
-            pool.execute("TRUNCATE consign_outbox").await?;
-            let tps = measure_tps(pool, variant, clients, seconds, &ids).await;
-            results.entry(variant).or_default().push(tps);
-        }
-    }
-    let median = |v: Variant| {
-        let mut xs = results[&v].clone();
-        xs.sort_by(f64::total_cmp);
-        xs[xs.len() / 2]
-    };
-    let (none, hand, consign) = (
-        median(Variant::NoEvent),
-        median(Variant::HandWritten),
-        median(Variant::Consign),
-    );
-    let fmt = |v: Variant| {
-        results[&v]
-            .iter()
-            .map(|x| format!("{x:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    println!(
-        "    {:<40} {:>9.0} tx/s   (rounds: {})",
-        "order only, no event",
-        none,
-        fmt(Variant::NoEvent)
-    );
-    println!(
-        "    {:<40} {:>9.0} tx/s   (rounds: {})",
-        "order + hand-written outbox INSERT",
-        hand,
-        fmt(Variant::HandWritten)
-    );
-    println!(
-        "    {:<40} {:>9.0} tx/s   (rounds: {})",
-        "order + consign enqueue_event",
-        consign,
-        fmt(Variant::Consign)
-    );
-    println!(
-        "    consign / hand-written = {:.3}   (target >= 0.95)\n",
-        consign / hand
-    );
+    postgres::run(pool, "(a) business transactions/s: order INSERT + event", 8).await?;
     pool.execute("TRUNCATE consign_outbox").await?;
     Ok(())
 }
