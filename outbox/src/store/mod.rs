@@ -27,6 +27,12 @@ pub trait OutboxConnection: sealed::Sealed + Send {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'a;
 }
 
+/// The `headers` column's JSON text for `msg`: its user headers plus
+/// `consign-requeued-for` when set (every backend stores this).
+fn headers_json(msg: &Message) -> Result<String, sqlx::Error> {
+    serde_json::to_string(&msg.stored_headers()).map_err(|e| sqlx::Error::Encode(e.into()))
+}
+
 /// Inserts `msgs` with multi-row `INSERT`s of at most `max_binds` bound
 /// values each (9 per message), the column names quoted as the backend
 /// wants (`partition` and `key` are reserved words). Within a statement the
@@ -51,9 +57,7 @@ where
     for chunk in msgs.chunks(max_binds / 9) {
         let mut rows = Vec::with_capacity(chunk.len());
         for msg in chunk {
-            let headers = serde_json::to_string(&msg.stored_headers())
-                .map_err(|e| sqlx::Error::Encode(e.into()))?;
-            rows.push((msg, headers));
+            rows.push((msg, headers_json(msg)?));
         }
         let mut query = sqlx::QueryBuilder::<DB>::new(columns);
         query.push_values(rows, |mut row, (msg, headers)| {

@@ -2,7 +2,7 @@
 
 use sqlx::{PgConnection, types::Json};
 
-use super::OutboxConnection;
+use super::{OutboxConnection, headers_json};
 use crate::Message;
 
 const INSERT_ONE: &str = "\
@@ -50,9 +50,7 @@ async fn insert_many(conn: &mut PgConnection, msgs: &[Message]) -> Result<(), sq
     let column = |f: fn(&Message) -> Option<&str>| msgs.iter().map(f).collect::<Vec<_>>();
     let headers = msgs
         .iter()
-        .map(|m| {
-            serde_json::to_string(&m.stored_headers()).map_err(|e| sqlx::Error::Encode(e.into()))
-        })
+        .map(headers_json)
         .collect::<Result<Vec<_>, _>>()?;
     sqlx::query(INSERT_MANY)
         .bind(msgs.iter().map(Message::id).collect::<Vec<_>>())
