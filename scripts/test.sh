@@ -36,6 +36,9 @@ for library in consign-relay consign-inbox; do
     fi
 done
 
+step "the relay library alone (PostgreSQL only): other backends' URLs name their feature"
+cargo test --locked -p consign-relay --lib config::
+
 step "build the binaries the crash tests start and kill"
 cargo build --locked -p consign-cli --bin consign-relay
 cargo build --locked -p consign-test-support --bin consign-test-consumer
@@ -52,7 +55,12 @@ own=$(awk '/Running tests\/real_kafka.rs/ { on = 1 } on && /^test result:/ { pri
 echo "broker tiers: $mock tests passed on the mock cluster; on real Kafka $((shared + ${own:-0})) ($shared shared bodies + ${own:-0} in tests/real_kafka.rs)"
 
 step "examples"
+# The quickstart's embedded default (no DATABASE_URL: a SQLite file), then on
+# both servers.
+env -u DATABASE_URL cargo run --locked --example quickstart
 cargo run --locked --example quickstart
+DATABASE_URL="${MYSQL_URL:-mysql://consign:consign@127.0.0.1:3306/test}" \
+    cargo run --locked --example quickstart
 cargo run --locked --example orders_inventory
 
 step "all passed"

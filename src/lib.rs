@@ -43,7 +43,8 @@
 //!   happen once.
 //!
 //! Features `mysql` and `sqlite` add those databases to the outbox
-//! (`enqueue`, `migrate`); the relay and the inbox run on PostgreSQL so far.
+//! (`enqueue`, `migrate`) and the relay (`Relay::builder` on a `MySqlPool`
+//! or `SqlitePool`); the inbox runs on PostgreSQL so far.
 
 pub use consign_outbox as outbox;
 pub use consign_outbox::{Event, MIGRATOR, Message, Outbox, migrate};

@@ -179,3 +179,290 @@ on_every_backend! {
         assert!(!identity.is_nil());
     }
 }
+
+// ---------------------------------------------------------------------------
+// The relay's guarantees on every backend: one body per guarantee (a plain
+// async fn over `TestDb`, which hides the backend), run once per database.
+// Kafka is librdkafka's mock cluster: what these prove is the database side
+// (order, fencing, crash recovery); the broker side is proved on real Kafka
+// in tests/real_kafka.rs and the `::kafka` tests.
+// ---------------------------------------------------------------------------
+
+use consign::Relay;
+use consign_test_support::{
+    MockKafka, RelayProcess, TopicReader,
+    backends::{Backend, TestDb},
+    fast_relay_settings, relay_config,
+    stream::{Stream, assert_complete_and_ordered},
+    unique_topic,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Runs `body(&TestDb)` on each listed backend (`postgres`, `mysql`,
+/// `sqlite`), each test with a fresh database.
+macro_rules! guarantee {
+    ($(#[$meta:meta])* [$($backend:ident),+] async fn $name:ident($db:ident: &TestDb) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            use super::*;
+
+            async fn body($db: &TestDb) $body
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $backend() {
+                    let db = TestDb::new(guarantee!(@backend $backend)).await.unwrap();
+                    body(&db).await;
+                    db.drop().await.unwrap();
+                }
+            )+
+        }
+    };
+    (@backend postgres) => { Backend::Postgres };
+    (@backend mysql) => { Backend::MySql };
+    (@backend sqlite) => { Backend::Sqlite };
+}
+
+/// Waits until `relay` holds partition leases.
+async fn publishing(db: &TestDb, relay: &RelayProcess) {
+    let pid = i32::try_from(relay.id()).unwrap();
+    consign_test_support::eventually("the relay to hold leases", WAIT, || async {
+        let status = consign::relay::status(db.relay_pool()).await?;
+        let instance = status
+            .relays
+            .iter()
+            .find(|m| m.pid == pid)
+            .map(|m| &m.instance);
+        let holds = status
+            .leases
+            .iter()
+            .any(|l| l.live && l.owner.as_ref() == instance);
+        Ok((instance.is_some() && holds).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+guarantee! {
+    /// 10,000 events over 100 keys from 4 concurrent writers (25 keys
+    /// each), relayed by the library: every event arrives, in order per key.
+    [postgres, mysql, sqlite]
+    async fn relay_keeps_per_key_order_from_concurrent_writers(db: &TestDb) {
+        const EVENTS: usize = 10_000;
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("order");
+        kafka.create_topic(&topic, 6).unwrap();
+        let relay = Relay::builder(db.relay_pool())
+            .kafka("bootstrap.servers", kafka.bootstrap())
+            .settings(fast_relay_settings())
+            .build()
+            .unwrap()
+            .spawn();
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        let writers = (0..4).map(|w| {
+            db.write_stream(
+                topic.clone(),
+                Stream::new(EVENTS / 4, 25).first_key(w * 25).per_tx(10),
+            )
+        });
+        let ids: Vec<uuid::Uuid> = futures_util::future::join_all(writers)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        reader.read_distinct(EVENTS, WAIT).await.unwrap();
+        db.wait_drained(WAIT).await.unwrap();
+        assert_complete_and_ordered(&ids, &reader);
+        let stats = relay.stats();
+        relay.shutdown().await.unwrap();
+        println!("{} events, {} duplicates, {stats:?}", reader.distinct(), reader.duplicates());
+    }
+}
+
+guarantee! {
+    /// The relay process SIGKILLed at random points (at least 5 times with
+    /// rows waiting) while a writer streams: nothing is lost, key order
+    /// holds once duplicates are dropped.
+    [postgres, mysql, sqlite]
+    async fn relay_sigkilled_mid_stream_loses_nothing(db: &TestDb) {
+        const EVENTS: usize = 6_000;
+        let kafka = MockKafka::start(1).unwrap();
+        // Batches spend most of their time produced but not acknowledged:
+        // kills land mid-batch.
+        kafka.set_round_trip(Duration::from_millis(50)).unwrap();
+        let topic = unique_topic("sigkill");
+        kafka.create_topic(&topic, 6).unwrap();
+        let config = relay_config(db.url(), kafka.bootstrap(), &[("batch-size", "200")], &[]);
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let writer = db.write_stream(
+            topic.clone(),
+            Stream::new(EVENTS, 50).per_tx(20).pace(Duration::from_millis(10)),
+        );
+        let killer = async {
+            let mut relay = RelayProcess::start(&config).unwrap();
+            let (mut kills, mut busy_kills) = (0, 0);
+            while busy_kills < 6 && kills < 20 {
+                // A new relay first waits for its predecessor's leases to
+                // expire: kill it only once it publishes again.
+                publishing(db, &relay).await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+                let waiting = db.outbox_len().await.unwrap();
+                relay.kill().unwrap();
+                kills += 1;
+                busy_kills += usize::from(waiting > 0);
+                println!("kill {kills}: SIGKILL with {waiting} rows in the outbox");
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+                relay = RelayProcess::start(&config).unwrap();
+            }
+            (relay, kills, busy_kills)
+        };
+        let (ids, (mut relay, kills, busy_kills)) = tokio::join!(writer, killer);
+        assert!(busy_kills >= 5, "only {busy_kills} of {kills} kills hit a relay with work to do");
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        reader.read_distinct(EVENTS, WAIT).await.unwrap();
+        db.wait_drained(WAIT).await.unwrap();
+        reader.read_to_end(WAIT).await.unwrap();
+        println!(
+            "{} events after {kills} SIGKILLs ({busy_kills} with rows waiting); {} duplicates",
+            reader.distinct(),
+            reader.duplicates()
+        );
+        assert_complete_and_ordered(&ids, &reader);
+        relay.terminate(Duration::from_secs(20)).await.unwrap();
+    }
+}
+
+guarantee! {
+    /// Two relay processes share the outbox; one is SIGKILLed mid-stream and
+    /// stays dead. The other takes its partitions over when the leases
+    /// expire: nothing lost, key order after dedup (SQLite: two processes on
+    /// one file).
+    [postgres, mysql, sqlite]
+    async fn two_relays_one_sigkilled_keep_order(db: &TestDb) {
+        const EVENTS: usize = 6_000;
+        let kafka = MockKafka::start(1).unwrap();
+        kafka.set_round_trip(Duration::from_millis(20)).unwrap();
+        let topic = unique_topic("two");
+        kafka.create_topic(&topic, 6).unwrap();
+        let config = relay_config(db.url(), kafka.bootstrap(), &[("batch-size", "200")], &[]);
+        let mut first = RelayProcess::start(&config).unwrap();
+        let mut second = RelayProcess::start(&config).unwrap();
+        let writer = db.write_stream(
+            topic.clone(),
+            Stream::new(EVENTS, 50).per_tx(20).pace(Duration::from_millis(10)),
+        );
+        let killer = async {
+            publishing(db, &first).await;
+            publishing(db, &second).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let waiting = db.outbox_len().await.unwrap();
+            first.kill().unwrap();
+            println!("first relay SIGKILLed with {waiting} rows waiting");
+        };
+        let (ids, ()) = tokio::join!(writer, killer);
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        reader.read_distinct(EVENTS, WAIT).await.unwrap();
+        db.wait_drained(WAIT).await.unwrap();
+        reader.read_to_end(WAIT).await.unwrap();
+        println!("{} events, {} duplicates", reader.distinct(), reader.duplicates());
+        assert_complete_and_ordered(&ids, &reader);
+        let status = consign::relay::status(db.relay_pool()).await.unwrap();
+        assert_eq!(status.relays.len(), 1, "the killed relay's membership expired");
+        second.terminate(Duration::from_secs(20)).await.unwrap();
+    }
+}
+
+guarantee! {
+    /// Every connection of the relay closed by the server three times while
+    /// it drains a backlog (`KILL` on MariaDB, `pg_terminate_backend` on
+    /// PostgreSQL): it reconnects and nothing is lost.
+    [postgres, mysql]
+    async fn database_connections_killed_relay_reconnects(db: &TestDb) {
+        const EVENTS: usize = 5_000;
+        let kafka = MockKafka::start(1).unwrap();
+        kafka.set_round_trip(Duration::from_millis(20)).unwrap();
+        let topic = unique_topic("dbkill");
+        kafka.create_topic(&topic, 6).unwrap();
+        let ids = db.write_stream(topic.clone(), Stream::new(EVENTS, 50).per_tx(100)).await;
+        let config = relay_config(db.url(), kafka.bootstrap(), &[("batch-size", "100")], &[]);
+        let mut relay = RelayProcess::start(&config).unwrap();
+        let mut killed = 0;
+        for _ in 0..3 {
+            publishing(db, &relay).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let n = db.kill_other_connections().await.unwrap();
+            println!("closed {n} connections with {} rows waiting", db.outbox_len().await.unwrap());
+            killed += n;
+        }
+        assert!(killed >= 3, "only {killed} connections closed");
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        reader.read_distinct(EVENTS, WAIT).await.unwrap();
+        db.wait_drained(WAIT).await.unwrap();
+        reader.read_to_end(WAIT).await.unwrap();
+        assert_complete_and_ordered(&ids, &reader);
+        relay.terminate(Duration::from_secs(20)).await.unwrap();
+    }
+}
+
+guarantee! {
+    /// A topic the broker refuses: its row keeps the error and the attempt
+    /// count (`consign-relay status` lists it) while other topics flow;
+    /// once the broker accepts, it is delivered. Archive mode keeps the
+    /// delivered rows, and the archive's retention deletes them.
+    [postgres, mysql, sqlite]
+    async fn refused_row_keeps_its_error_and_archive_retention_works(db: &TestDb) {
+        let kafka = MockKafka::start(1).unwrap();
+        let (bad, good) = (unique_topic("refused"), unique_topic("accepted"));
+        kafka.create_topic(&bad, 1).unwrap();
+        kafka.create_topic(&good, 1).unwrap();
+        kafka
+            .set_topic_error(&bad, rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED)
+            .unwrap();
+        let mut settings = fast_relay_settings();
+        settings.archive = true;
+        let relay = Relay::builder(db.relay_pool())
+            .kafka("bootstrap.servers", kafka.bootstrap())
+            .settings(settings)
+            .build()
+            .unwrap()
+            .spawn();
+        db.enqueue(&[
+            Message::new(&bad, "Refused", b"1".to_vec()).with_key("k"),
+            Message::new(&good, "Accepted", b"2".to_vec()).with_key("k"),
+        ])
+        .await
+        .unwrap();
+        let mut reader = TopicReader::new(kafka.bootstrap(), &good).unwrap();
+        reader.read_distinct(1, WAIT).await.unwrap();
+        let failed = consign_test_support::eventually("the refusal recorded", WAIT, || async {
+            let status = consign::relay::status(db.relay_pool()).await?;
+            Ok(status.failed.first().filter(|row| row.attempts >= 1).cloned())
+        })
+        .await
+        .unwrap();
+        assert_eq!(failed.topic, bad);
+        let error = failed.last_error.unwrap();
+        assert!(error.contains("authoriz") || error.contains("Authoriz"), "{error}");
+        assert_eq!(db.outbox_len().await.unwrap(), 1);
+
+        kafka.set_topic_error(&bad, rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR).unwrap();
+        db.wait_drained(WAIT).await.unwrap();
+        relay.shutdown().await.unwrap();
+        assert_eq!(db.count("consign_outbox_archive").await.unwrap(), 2);
+        let cleaned = consign::relay::retention::cleanup_archive(db.relay_pool(), Duration::ZERO)
+            .await
+            .unwrap();
+        println!("{cleaned:?}");
+        if db.backend() == Backend::Postgres {
+            // Whole days are dropped: today's partition stays.
+            assert!(cleaned.partitions.is_empty());
+        } else {
+            assert_eq!(cleaned.default_rows, 2);
+            assert_eq!(db.count("consign_outbox_archive").await.unwrap(), 0);
+        }
+    }
+}

@@ -320,7 +320,7 @@ async fn invalid_configuration_exits_nonzero_naming_the_field(pool: PgPool) {
         ),
         (
             "database.url",
-            relay_config("mysql://nope", "h:1", &[], &[]),
+            relay_config("oracle://nope", "h:1", &[], &[]),
             &[],
         ),
         (
@@ -380,7 +380,7 @@ async fn migrate_command_creates_the_schema_and_is_idempotent(pool: PgPool) {
 
 /// `consign-relay migrate` picks the backend by the URL's scheme: consign's
 /// schema on MariaDB (mysql://) and SQLite (sqlite://, the file created),
-/// twice without error; `run` on those URLs is refused naming what works.
+/// twice without error; `config check` and `status` work on them.
 #[tokio::test]
 async fn migrate_command_picks_the_backend_by_url_scheme() {
     let (mysql_url, mysql_db) = consign_test_support::backends::mysql_database()
@@ -402,19 +402,15 @@ async fn migrate_command_picks_the_backend_by_url_scheme() {
                 "{backend}: {output}"
             );
         }
-        let (ok, output) = relay_with_env(
-            &["config", "check"],
-            &[
-                ("DATABASE_URL", url),
-                ("CONSIGN_KAFKA__BOOTSTRAP_SERVERS", "h:1"),
-            ],
-        )
-        .await;
-        assert!(!ok, "{backend}: {output}");
-        assert!(
-            output.contains("the relay runs on PostgreSQL so far"),
-            "{backend}: {output}"
-        );
+        let env = [
+            ("DATABASE_URL", url.as_str()),
+            ("CONSIGN_KAFKA__BOOTSTRAP_SERVERS", "h:1"),
+        ];
+        let (ok, output) = relay_with_env(&["config", "check"], &env).await;
+        assert!(ok, "{backend}: {output}");
+        let (ok, output) = relay_with_env(&["status", "--json"], &env).await;
+        assert!(ok, "{backend}: {output}");
+        assert!(output.contains("\"leases\""), "{backend}: {output}");
     }
     let leases: i64 = {
         let pool = sqlx::MySqlPool::connect(&mysql_url).await.unwrap();
@@ -440,6 +436,54 @@ async fn migrate_command_picks_the_backend_by_url_scheme() {
     consign_test_support::backends::drop_mysql(None, &mysql_db)
         .await
         .unwrap();
+}
+
+/// A SQLite file the relay cannot use stops `run` at once, naming the file
+/// and the problem: missing (create it with `migrate`), not writable (here
+/// opened read-only, since tests run as root, whom file modes do not stop),
+/// or a path that cannot be a file.
+#[tokio::test]
+async fn sqlite_file_problems_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("consign.db");
+    let url = format!("sqlite://{}", file.display());
+    let run = async |url: &str| {
+        relay_with_env(
+            &["run"],
+            &[
+                ("DATABASE_URL", url),
+                ("CONSIGN_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1"),
+            ],
+        )
+        .await
+    };
+    let (ok, output) = run(&url).await;
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains(&format!(
+            "cannot use the SQLite file {}: no such file; create it with `consign-relay migrate`",
+            file.display()
+        )),
+        "{output}"
+    );
+
+    let (ok, output) = relay_with_env(&["migrate"], &[("DATABASE_URL", &url)]).await;
+    assert!(ok, "{output}");
+    let (ok, output) = run(&format!("{url}?mode=ro")).await;
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains("attempt to write a readonly database")
+            && output.contains("needs to read and write the file"),
+        "{output}"
+    );
+
+    let not_a_dir = format!("sqlite://{}/inside.db", file.display());
+    let (ok, output) = relay_with_env(&["migrate"], &[("DATABASE_URL", &not_a_dir)]).await;
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains("cannot use the SQLite file") && output.contains("unable to open"),
+        "{output}"
+    );
 }
 
 /// Runs `consign-relay` with `args` and only the environment `env`; returns

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use consign_relay::{Config, config::RetentionSettings};
+use consign_relay::{Config, DatabasePool, config::RetentionSettings};
 use serde::Serialize;
 
 use crate::{
     args::{Cli, Command, ConfigCommand},
     dead_letters,
-    error::Result,
+    error::{Error, Result},
     load, run,
 };
 
@@ -31,7 +31,7 @@ pub(crate) async fn execute(cli: Cli) -> Result<()> {
             retention.inbox = inbox_older_than.unwrap_or(retention.inbox);
             retention.dead_letters = dead_letters_older_than.or(retention.dead_letters);
             retention.archive = archive_older_than.or(retention.archive);
-            cleanup(&database(&config)?, &retention, json).await
+            cleanup(&config, &retention, json).await
         }
         Command::Config(ConfigCommand::Check) => {
             config.validate()?;
@@ -51,33 +51,122 @@ pub(crate) async fn execute(cli: Cli) -> Result<()> {
 }
 
 /// The pool of `[database]`, after checking that section.
-pub(crate) fn database(config: &Config) -> Result<sqlx::PgPool> {
+pub(crate) fn database(config: &Config) -> Result<DatabasePool> {
     config.database.validate()?;
     Ok(config.database.connect_lazy_unbounded()?)
+}
+
+/// The PostgreSQL pool of `[database]`, for the commands on the inbox's
+/// tables (`what`), which run on PostgreSQL only so far.
+pub(crate) fn postgres(config: &Config, what: &'static str) -> Result<sqlx::PgPool> {
+    match database(config)? {
+        DatabasePool::Postgres(pool) => Ok(pool),
+        other => Err(Error::Unsupported {
+            what,
+            backend: other.backend(),
+        }),
+    }
 }
 
 /// `migrate`: consign's schema on the database of `database.url`, chosen by
 /// its scheme (postgres://, mysql:// or sqlite://).
 async fn migrate(config: &Config) -> Result<()> {
-    let url = config.database.url.trim();
-    let migrator = if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        let pool = sqlx::MySqlPool::connect(url).await?;
-        consign_outbox::migrate(&pool).await?;
-        &consign_outbox::MYSQL_MIGRATOR
-    } else if url.starts_with("sqlite:") {
-        let options = url
-            .parse::<sqlx::sqlite::SqliteConnectOptions>()?
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await?;
-        consign_outbox::migrate(&pool).await?;
-        &consign_outbox::SQLITE_MIGRATOR
-    } else {
-        consign_outbox::migrate(&database(config)?).await?;
-        &consign_outbox::MIGRATOR
+    let migrator = match database(config)? {
+        DatabasePool::Postgres(pool) => {
+            consign_outbox::migrate(&pool).await?;
+            &consign_outbox::MIGRATOR
+        }
+        #[cfg(feature = "mysql")]
+        DatabasePool::MySql(pool) => {
+            consign_outbox::migrate(&pool).await?;
+            &consign_outbox::MYSQL_MIGRATOR
+        }
+        #[cfg(feature = "sqlite")]
+        DatabasePool::Sqlite(_) => {
+            // Created if missing: `migrate` is how a SQLite outbox begins.
+            let options = config
+                .database
+                .url
+                .trim()
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()?
+                .create_if_missing(true);
+            let path = options.get_filename().to_owned();
+            let pool = sqlx::SqlitePool::connect_with(options)
+                .await
+                .map_err(|e| sqlite_file_error(&path, &e))?;
+            consign_outbox::migrate(&pool).await?;
+            &consign_outbox::SQLITE_MIGRATOR
+        }
+        #[allow(unreachable_patterns)] // the pool enum is non-exhaustive
+        other => {
+            return Err(Error::Unsupported {
+                what: "migrate",
+                backend: other.backend(),
+            });
+        }
     };
     let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
     println!("consign schema is at version {latest}");
     Ok(())
+}
+
+/// Before `run` on SQLite: the file exists and this process may write it
+/// (the relay deletes what it publishes), so that a wrong path or missing
+/// permission stops the relay at once with the file's name, instead of
+/// failing every round. Other backends: nothing to check (their server may
+/// be down now and come back; the relay waits for it).
+#[cfg(feature = "sqlite")]
+pub(crate) async fn check_sqlite(config: &Config) -> Result<()> {
+    use sqlx::Connection as _;
+    let url = config.database.url.trim();
+    if !url.starts_with("sqlite:") {
+        return Ok(());
+    }
+    let options = url.parse::<sqlx::sqlite::SqliteConnectOptions>()?;
+    let path = options.get_filename().to_owned();
+    if !path.exists() {
+        return Err(Error::SqliteFile {
+            path,
+            reason: "no such file; create it with `consign-relay migrate`".into(),
+        });
+    }
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| sqlite_file_error(&path, &e))?;
+    // A write proves write access (SQLite opens a file it may not write
+    // read-only, and only refuses the first write); rolled back.
+    let write =
+        sqlx::raw_sql("BEGIN IMMEDIATE; UPDATE consign_outbox_identity SET outbox_id = outbox_id")
+            .execute(&mut conn)
+            .await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.ok();
+    write.map_err(|e| sqlite_file_error(&path, &e))?;
+    conn.close().await.ok();
+    Ok(())
+}
+
+#[cfg(not(feature = "sqlite"))]
+pub(crate) async fn check_sqlite(_config: &Config) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "sqlite")]
+fn sqlite_file_error(path: &std::path::Path, error: &sqlx::Error) -> Error {
+    let reason = match error {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_PERM, SQLITE_AUTH
+            Some("8" | "14" | "3" | "23") => format!(
+                "{} (the relay's user needs to read and write the file and its directory)",
+                db.message()
+            ),
+            _ => db.message().to_owned(),
+        },
+        other => other.to_string(),
+    };
+    Error::SqliteFile {
+        path: path.to_owned(),
+        reason,
+    }
 }
 
 pub(crate) fn print_json(value: &impl serde::Serialize) {
@@ -94,12 +183,13 @@ struct Cleaned {
     archive_default_rows: u64,
 }
 
-async fn cleanup(pool: &sqlx::PgPool, retention: &RetentionSettings, json: bool) -> Result<()> {
+async fn cleanup(config: &Config, retention: &RetentionSettings, json: bool) -> Result<()> {
+    let pool = postgres(config, "cleanup of the inbox's tables")?;
     let inbox = consign_inbox::retention::Retention::inbox(retention.inbox)
         .dead_letters(retention.dead_letters);
-    let inbox = consign_inbox::retention::cleanup(pool, inbox).await?;
+    let inbox = consign_inbox::retention::cleanup(&pool, inbox).await?;
     let archive = match retention.archive {
-        Some(age) => consign_relay::retention::cleanup_archive(pool, age).await?,
+        Some(age) => consign_relay::retention::cleanup_archive(&pool, age).await?,
         None => consign_relay::retention::ArchiveCleaned::default(),
     };
     let cleaned = Cleaned {
@@ -171,9 +261,14 @@ impl Report {
 
 async fn status(config: &Config, json: bool) -> Result<()> {
     let pool = database(config)?;
+    // The inbox's tables are read on PostgreSQL only so far.
+    let dead_letters = match pool.as_postgres() {
+        Some(pg) => consign_inbox::dead_letters::counts(pg).await?,
+        None => Vec::new(),
+    };
     let status = Report {
         relay: consign_relay::status(&pool).await?,
-        dead_letters: consign_inbox::dead_letters::counts(&pool).await?,
+        dead_letters,
     };
     if json {
         print_json(&status);

@@ -7,13 +7,13 @@ use consign_relay::Config;
 
 use crate::{
     args::DeadLetterCommand,
-    commands::{database, print_json},
+    commands::{postgres, print_json},
     error::Result,
 };
 
 /// Runs a `dead-letters` command.
 pub(crate) async fn command(config: &Config, command: DeadLetterCommand) -> Result<()> {
-    let pool = database(config)?;
+    let pool = postgres(config, "dead letters")?;
     match command {
         DeadLetterCommand::List {
             select,

@@ -26,14 +26,26 @@ pub(crate) enum Error {
     /// The command line asks for something that needs more.
     #[error("{0}")]
     Usage(&'static str),
+    /// The SQLite file of `database.url` cannot be used.
+    #[error("cannot use the SQLite file {}: {reason}", path.display())]
+    SqliteFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// A command that does not run on the configured database yet.
+    #[error("{what} runs on PostgreSQL only so far; database.url names {backend}")]
+    Unsupported {
+        what: &'static str,
+        backend: &'static str,
+    },
     /// The Prometheus recorder could not be installed.
     #[error("cannot install the Prometheus recorder: {0}")]
     Metrics(String),
 }
 
 impl Error {
-    /// Whether the error is PostgreSQL's "undefined table" (42P01): the
-    /// migrations have not run.
+    /// Whether the error is a missing table (PostgreSQL's 42P01, MySQL's
+    /// 42S02, SQLite's "no such table"): the migrations have not run.
     pub(crate) fn is_missing_table(&self) -> bool {
         let database = match self {
             Self::Relay(consign_relay::Error::Database(e))
@@ -41,6 +53,8 @@ impl Error {
             | Self::Outbox(consign_outbox::Error::Database(e)) => e,
             _ => return false,
         };
-        matches!(database, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01"))
+        matches!(database, sqlx::Error::Database(db)
+            if matches!(db.code().as_deref(), Some("42P01" | "42S02"))
+                || db.message().starts_with("no such table"))
     }
 }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 /// enabled.
 pub(crate) async fn run(config: Config) -> Result<()> {
     config.validate()?;
+    crate::commands::check_sqlite(&config).await?;
     let relay = Relay::builder(config.database.connect_lazy()?)
         .kafka_properties(config.kafka_properties())
         .settings(config.relay)

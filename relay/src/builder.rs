@@ -4,11 +4,10 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use consign_outbox::secrets::redacted_properties;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    Error, Relay, RelaySettings, Result,
+    DatabasePool, Error, Relay, RelaySettings, Result,
     config::AdminSettings,
     deadline::{DEFAULT_DATABASE_DEADLINE, Db},
     health::{Health, Sampler},
@@ -40,7 +39,7 @@ pub(crate) type PublishedHook = Arc<dyn Fn(&[Uuid]) + Send + Sync>;
 /// ```
 #[must_use]
 pub struct RelayBuilder {
-    pool: PgPool,
+    pool: DatabasePool,
     kafka: BTreeMap<String, String>,
     settings: RelaySettings,
     sample_interval: Duration,
@@ -58,7 +57,7 @@ impl std::fmt::Debug for RelayBuilder {
 }
 
 impl RelayBuilder {
-    pub(crate) fn new(pool: PgPool) -> Self {
+    pub(crate) fn new(pool: DatabasePool) -> Self {
         Self {
             pool,
             kafka: BTreeMap::new(),

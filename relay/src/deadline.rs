@@ -12,10 +12,10 @@
 
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
-
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    store::{Conn, DatabasePool},
+};
 
 /// The default deadline of one round: PostgreSQL's default
 /// `statement_timeout` of the relay binary (30 s) plus 5 s.
@@ -24,7 +24,7 @@ pub const DEFAULT_DATABASE_DEADLINE: Duration = Duration::from_secs(35);
 /// The relay's pool, with the deadline of its rounds.
 #[derive(Debug, Clone)]
 pub(crate) struct Db {
-    pub(crate) pool: PgPool,
+    pub(crate) pool: DatabasePool,
     pub(crate) deadline: Duration,
 }
 
@@ -33,7 +33,7 @@ impl Db {
     /// the connection counts).
     pub(crate) async fn run<T>(
         &self,
-        work: impl AsyncFnOnce(&mut PgConnection) -> sqlx::Result<T>,
+        work: impl AsyncFnOnce(&mut Conn) -> sqlx::Result<T>,
     ) -> Result<T> {
         let started = tokio::time::Instant::now();
         let mut conn = tokio::time::timeout(self.deadline, self.pool.acquire())
@@ -52,7 +52,7 @@ impl Db {
 
 /// Closes `conn` (sqlx closes it in the background, bounded by its own
 /// timeout) instead of returning it to the pool.
-fn abandon(mut conn: PoolConnection<Postgres>) {
+fn abandon(mut conn: Conn) {
     tracing::warn!("closing a database connection that did not answer in time");
     conn.close_on_drop();
 }

@@ -38,12 +38,14 @@ use std::{
 use chrono::{DateTime, Utc};
 use consign_outbox::PARTITIONS;
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{deadline::Db, store::RelayStore as _};
+use crate::{
+    deadline::Db,
+    store::{DatabasePool, RelayStore as _},
+};
 
 /// The owned partitions and the epoch each was acquired with.
 pub(crate) type Owned = BTreeMap<i16, i64>;
@@ -89,16 +91,16 @@ pub struct Member {
 ///
 /// # Errors
 /// If the query fails (e.g. the migrations have not been applied).
-pub async fn leases(pool: &PgPool) -> sqlx::Result<Vec<Lease>> {
-    pool.acquire().await?.leases().await
+pub async fn leases(pool: impl Into<DatabasePool>) -> sqlx::Result<Vec<Lease>> {
+    pool.into().acquire().await?.leases().await
 }
 
 /// Reads the relays whose heartbeat has not expired, by name.
 ///
 /// # Errors
 /// If the query fails (e.g. the migrations have not been applied).
-pub async fn members(pool: &PgPool) -> sqlx::Result<Vec<Member>> {
-    pool.acquire().await?.members().await
+pub async fn members(pool: impl Into<DatabasePool>) -> sqlx::Result<Vec<Member>> {
+    pool.into().acquire().await?.members().await
 }
 
 /// The name this relay registers under: `host-pid-xxxx`.
@@ -330,7 +332,7 @@ impl Coordinator {
 }
 
 /// Releases every lease of `instance` and removes its membership.
-pub(crate) async fn leave(pool: &PgPool, instance: &str) -> sqlx::Result<()> {
+pub(crate) async fn leave(pool: &DatabasePool, instance: &str) -> sqlx::Result<()> {
     pool.acquire().await?.leave(instance).await
 }
 
@@ -350,7 +352,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_renewal_that_ran_before_a_release_does_not_bring_the_lease_back() {
-        let pool = PgPool::connect_lazy("postgres://unused@127.0.0.1:1/none").unwrap();
+        let pool = sqlx::PgPool::connect_lazy("postgres://unused@127.0.0.1:1/none")
+            .unwrap()
+            .into();
         let ownership = Arc::new(Ownership::default());
         let db = Db {
             pool,

@@ -80,5 +80,6 @@ pub use health::{Check, Health, Liveness, Readiness, Stall};
 pub use producer_config::{PRODUCER_DEFAULTS, check_kafka_config};
 pub use relay::Relay;
 pub use status::{Status, status};
+pub use store::DatabasePool;
 
 pub use rdkafka::ClientConfig;

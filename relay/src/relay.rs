@@ -2,7 +2,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -78,8 +77,8 @@ impl Relay {
     /// relay for as long as the lock lasts.
     ///
     /// [`DatabaseSettings::connect_lazy`]: crate::config::DatabaseSettings::connect_lazy
-    pub fn builder(pool: PgPool) -> RelayBuilder {
-        RelayBuilder::new(pool)
+    pub fn builder(pool: impl Into<crate::DatabasePool>) -> RelayBuilder {
+        RelayBuilder::new(pool.into())
     }
 
     pub(crate) fn new(

@@ -10,9 +10,8 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::PgPool;
 
-use crate::store::RelayStore as _;
+use crate::store::{DatabasePool, RelayStore as _};
 
 /// Days of archive partitions the relay keeps created ahead (today and the
 /// next two).
@@ -23,8 +22,9 @@ const DAYS_AHEAD: i32 = 2;
 ///
 /// # Errors
 /// On a database error (e.g. migrations not applied).
-pub async fn ensure_archive_partitions(pool: &PgPool) -> sqlx::Result<()> {
-    pool.acquire()
+pub async fn ensure_archive_partitions(pool: impl Into<DatabasePool>) -> sqlx::Result<()> {
+    pool.into()
+        .acquire()
         .await?
         .ensure_archive_partitions(DAYS_AHEAD)
         .await
@@ -49,9 +49,17 @@ pub struct ArchiveCleaned {
 ///
 /// # Errors
 /// On a database error.
-pub async fn cleanup_archive(pool: &PgPool, older_than: Duration) -> sqlx::Result<ArchiveCleaned> {
+pub async fn cleanup_archive(
+    pool: impl Into<DatabasePool>,
+    older_than: Duration,
+) -> sqlx::Result<ArchiveCleaned> {
     let older_than_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
-    let (partitions, default_rows) = pool.acquire().await?.drop_archive(older_than_ms).await?;
+    let (partitions, default_rows) = pool
+        .into()
+        .acquire()
+        .await?
+        .drop_archive(older_than_ms)
+        .await?;
     Ok(ArchiveCleaned {
         partitions,
         default_rows,

@@ -5,7 +5,6 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
 
 use crate::{
     lease::{Lease, Member},
@@ -69,8 +68,8 @@ pub struct Status {
 ///
 /// # Errors
 /// If a query fails (e.g. the migrations have not been applied).
-pub async fn status(pool: &PgPool) -> sqlx::Result<Status> {
-    let mut conn = pool.acquire().await?;
+pub async fn status(pool: impl Into<crate::DatabasePool>) -> sqlx::Result<Status> {
+    let mut conn = pool.into().acquire().await?;
     let (now, backlog, failed) = conn.backlog(FAILED_ROWS_SHOWN).await?;
     Ok(Status {
         now,

@@ -141,3 +141,235 @@ pub async fn sqlite() -> Result<(SqlitePool, tempfile::TempDir)> {
     consign_outbox::migrate(&pool).await?;
     Ok((pool, dir))
 }
+
+/// The backends the guarantee suite runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL (`DATABASE_URL`).
+    Postgres,
+    /// MariaDB or MySQL ([`MYSQL_URL_ENV`]).
+    MySql,
+    /// A SQLite file in a temporary directory.
+    Sqlite,
+}
+
+/// A pool of one of the backends.
+#[derive(Debug, Clone)]
+pub enum AnyPool {
+    /// PostgreSQL.
+    Postgres(PgPool),
+    /// MariaDB/MySQL.
+    MySql(MySqlPool),
+    /// SQLite.
+    Sqlite(SqlitePool),
+}
+
+/// `$body` with `$pool` bound to the backend's pool.
+macro_rules! on_pool {
+    ($any:expr, $pool:ident => $body:expr) => {
+        match $any {
+            AnyPool::Postgres($pool) => $body,
+            AnyPool::MySql($pool) => $body,
+            AnyPool::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// A throwaway database of one backend with consign's schema, its URL for
+/// relay processes, and what the guarantee tests ask of it. Dropped (server
+/// databases) by [`TestDb::drop`]; a SQLite file goes with its directory.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The pool.
+    pub pool: AnyPool,
+    url: String,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// A fresh database of `backend` with consign's schema.
+    ///
+    /// # Errors
+    /// If the server does not answer or the migrations fail.
+    pub async fn new(backend: Backend) -> Result<Self> {
+        Ok(match backend {
+            Backend::Postgres => {
+                let (pool, name) = postgres().await?;
+                let url = crate::db::url(&pool);
+                Self {
+                    pool: AnyPool::Postgres(pool),
+                    url,
+                    name,
+                    _dir: None,
+                }
+            }
+            Backend::MySql => {
+                let (url, name) = mysql_database().await?;
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(8)
+                    .connect(&url)
+                    .await?;
+                consign_outbox::migrate(&pool).await?;
+                Self {
+                    pool: AnyPool::MySql(pool),
+                    url,
+                    name,
+                    _dir: None,
+                }
+            }
+            Backend::Sqlite => {
+                let (pool, dir) = sqlite().await?;
+                let url = format!("sqlite://{}", dir.path().join("consign.db").display());
+                Self {
+                    pool: AnyPool::Sqlite(pool),
+                    url,
+                    name: String::new(),
+                    _dir: Some(dir),
+                }
+            }
+        })
+    }
+
+    /// The database's URL, for a `consign-relay` process.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The pool as the relay library takes it.
+    #[must_use]
+    pub fn relay_pool(&self) -> consign_relay::DatabasePool {
+        on_pool!(&self.pool, pool => pool.into())
+    }
+
+    /// The backend.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            AnyPool::Postgres(_) => Backend::Postgres,
+            AnyPool::MySql(_) => Backend::MySql,
+            AnyPool::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Rows in `table` (one of consign's).
+    ///
+    /// # Errors
+    /// On a database error.
+    pub async fn count(&self, table: &str) -> Result<i64> {
+        let count = format!("SELECT count(*) FROM {table}");
+        let count = sqlx::AssertSqlSafe(count);
+        Ok(on_pool!(&self.pool, pool => sqlx::query_scalar(count).fetch_one(pool).await?))
+    }
+
+    /// Rows still in the outbox.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub async fn outbox_len(&self) -> Result<i64> {
+        self.count("consign_outbox").await
+    }
+
+    /// Waits until the outbox is empty, for at most `timeout`.
+    ///
+    /// # Errors
+    /// On a database error, or if rows are still there after `timeout`.
+    pub async fn wait_drained(&self, timeout: std::time::Duration) -> Result<()> {
+        crate::eventually("the outbox to drain", timeout, || async {
+            Ok((self.outbox_len().await? == 0).then_some(()))
+        })
+        .await
+    }
+
+    /// Enqueues `msgs` in one transaction.
+    ///
+    /// # Errors
+    /// If the database or the outbox refuses them.
+    pub async fn enqueue(&self, msgs: &[consign_outbox::Message]) -> Result<()> {
+        let outbox = consign_outbox::Outbox::new();
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            outbox.enqueue_batch(&mut *tx, msgs).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Writes `stream` to `topic` (see [`crate::stream::write_stream`]).
+    ///
+    /// # Panics
+    /// If the database refuses a write.
+    pub async fn write_stream(
+        &self,
+        topic: String,
+        stream: crate::stream::Stream,
+    ) -> Vec<uuid::Uuid> {
+        let mut ids = Vec::new();
+        for msgs in stream.batches(&topic) {
+            self.enqueue(&msgs).await.unwrap();
+            ids.extend(msgs.iter().map(consign_outbox::Message::id));
+            tokio::time::sleep(stream.pause()).await;
+        }
+        ids
+    }
+
+    /// Closes every connection the server has open for this database other
+    /// than the test's own, as an operator's `KILL` or a failover would
+    /// (PostgreSQL: `pg_terminate_backend`; MariaDB: `KILL`). Returns how
+    /// many. SQLite has no server: 0.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub async fn kill_other_connections(&self) -> Result<u64> {
+        match &self.pool {
+            AnyPool::Postgres(pool) => Ok(sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM (
+                     SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()
+                       AND backend_type = 'client backend'
+                 ) t",
+            )
+            .fetch_one(pool)
+            .await?
+            .try_into()?),
+            AnyPool::MySql(pool) => {
+                let mut conn = pool.acquire().await?;
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM information_schema.processlist
+                     WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut killed = 0;
+                for id in ids {
+                    // Gone already is fine: it was closing anyway.
+                    if sqlx::query(sqlx::AssertSqlSafe(format!("KILL CONNECTION {id}")))
+                        .execute(&mut *conn)
+                        .await
+                        .is_ok()
+                    {
+                        killed += 1;
+                    }
+                }
+                Ok(killed)
+            }
+            AnyPool::Sqlite(_) => Ok(0),
+        }
+    }
+
+    /// Closes the pool and drops the database.
+    ///
+    /// # Errors
+    /// If the server does not answer.
+    pub async fn drop(self) -> Result<()> {
+        match self.pool {
+            AnyPool::Postgres(pool) => drop_postgres(pool, &self.name).await,
+            AnyPool::MySql(pool) => drop_mysql(Some(pool), &self.name).await,
+            AnyPool::Sqlite(pool) => {
+                pool.close().await;
+                Ok(())
+            }
+        }
+    }
+}

@@ -20,6 +20,7 @@ pub struct Stream {
     keys: usize,
     per_tx: usize,
     pace: Duration,
+    first_key: usize,
 }
 
 impl Stream {
@@ -31,6 +32,17 @@ impl Stream {
             keys,
             per_tx: 10,
             pace: Duration::ZERO,
+            first_key: 0,
+        }
+    }
+
+    /// Numbers the keys from `first` (`key-{first}`, ...), so that
+    /// concurrent writers can each own their keys.
+    #[must_use]
+    pub fn first_key(self, first: usize) -> Self {
+        Self {
+            first_key: first,
+            ..self
         }
     }
 
@@ -47,24 +59,70 @@ impl Stream {
     }
 }
 
-/// Writes `stream` to `topic`; the payload is the event's number within its
-/// key (1, 2, 3, ...). Returns the ids in write order.
+impl Stream {
+    /// The stream's transactions, in order: each the messages of one.
+    #[must_use]
+    pub fn batches(self, topic: &str) -> Batches {
+        Batches {
+            stream: self,
+            topic: topic.to_owned(),
+            written: 0,
+            next: HashMap::new(),
+        }
+    }
+
+    /// The pause after each transaction.
+    #[must_use]
+    pub fn pause(&self) -> Duration {
+        self.pace
+    }
+}
+
+/// The transactions of a [`Stream`]; the payload is the event's number
+/// within its key (1, 2, 3, ...).
+#[derive(Debug)]
+pub struct Batches {
+    stream: Stream,
+    topic: String,
+    written: usize,
+    next: HashMap<String, u32>,
+}
+
+impl Iterator for Batches {
+    type Item = Vec<Message>;
+
+    fn next(&mut self) -> Option<Vec<Message>> {
+        let Self {
+            stream,
+            topic,
+            written,
+            next,
+        } = self;
+        if *written >= stream.count {
+            return None;
+        }
+        let msgs: Vec<Message> = (0..stream.per_tx.min(stream.count - *written))
+            .map(|i| {
+                let key = format!("key-{}", stream.first_key + (*written + i) % stream.keys);
+                let n = next.entry(key.clone()).or_default();
+                *n += 1;
+                Message::new(topic.as_str(), "Streamed", n.to_string()).with_key(key)
+            })
+            .collect();
+        *written += msgs.len();
+        Some(msgs)
+    }
+}
+
+/// Writes `stream` to `topic` (see [`Batches`]). Returns the ids in write
+/// order.
 ///
 /// # Panics
 /// If the database refuses a write.
 pub async fn write_stream(pool: PgPool, topic: String, stream: Stream) -> Vec<Uuid> {
     let outbox = Outbox::new();
-    let mut next: HashMap<String, u32> = HashMap::new();
     let mut ids = Vec::with_capacity(stream.count);
-    while ids.len() < stream.count {
-        let msgs: Vec<Message> = (0..stream.per_tx.min(stream.count - ids.len()))
-            .map(|i| {
-                let key = format!("key-{}", (ids.len() + i) % stream.keys);
-                let n = next.entry(key.clone()).or_default();
-                *n += 1;
-                Message::new(&topic, "Streamed", n.to_string()).with_key(key)
-            })
-            .collect();
+    for msgs in stream.batches(&topic) {
         let mut tx = pool.begin().await.unwrap();
         outbox.enqueue_batch(&mut *tx, &msgs).await.unwrap();
         tx.commit().await.unwrap();

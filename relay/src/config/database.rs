@@ -9,7 +9,9 @@ use super::*;
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DatabaseSettings {
-    /// PostgreSQL URL. Required; `DATABASE_URL` is used if set.
+    /// Database URL: `postgres://…`, `mysql://…` (also MariaDB, feature
+    /// `mysql`) or `sqlite:…` (feature `sqlite`). Required; `DATABASE_URL`
+    /// is used if set.
     pub url: String,
     /// Connections in the relay's pool. Default 4; 1 to 100.
     pub max_connections: u32,
@@ -105,48 +107,115 @@ impl DatabaseSettings {
         Ok(())
     }
 
-    fn connect_options(&self) -> Result<PgConnectOptions> {
-        if self.url.trim().is_empty() {
+    fn connect_options(&self) -> Result<Backend> {
+        let url = self.url.trim();
+        if url.is_empty() {
             return Err(Error::config(
                 "database.url",
                 "required: set it in the file, in DATABASE_URL or in CONSIGN_DATABASE__URL",
             ));
         }
-        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
-            return Err(Error::config(
-                "database.url",
-                "must start with postgres:// or postgresql:// (the relay runs on PostgreSQL so far; \
-                 on mysql:// and sqlite:// consign has the outbox and `consign-relay migrate` only)",
+        let invalid = |backend: &str, e: sqlx::Error| {
+            Error::config("database.url", format!("not a valid {backend} URL: {e}"))
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url).map_err(|e| invalid("PostgreSQL", e))?;
+            return Ok(Backend::Postgres(
+                options.application_name(&self.application_name),
             ));
         }
-        let options = PgConnectOptions::from_str(&self.url).map_err(|e| {
-            Error::config("database.url", format!("not a valid PostgreSQL URL: {e}"))
-        })?;
-        Ok(options.application_name(&self.application_name))
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            #[cfg(feature = "mysql")]
+            {
+                let url = url.replacen("mariadb://", "mysql://", 1);
+                let options = sqlx::mysql::MySqlConnectOptions::from_str(&url)
+                    .map_err(|e| invalid("MySQL", e))?;
+                return Ok(Backend::MySql(options));
+            }
+            #[cfg(not(feature = "mysql"))]
+            return Err(Error::config(
+                "database.url",
+                "is a MySQL/MariaDB URL, but this build has no MySQL support: \
+                 build consign-relay (or consign-cli) with the cargo feature `mysql`",
+            ));
+        }
+        if url.starts_with("sqlite:") {
+            #[cfg(feature = "sqlite")]
+            {
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                    .map_err(|e| invalid("SQLite", e))?;
+                return Ok(Backend::Sqlite(options));
+            }
+            #[cfg(not(feature = "sqlite"))]
+            return Err(Error::config(
+                "database.url",
+                "is a SQLite URL, but this build has no SQLite support: \
+                 build consign-relay (or consign-cli) with the cargo feature `sqlite`",
+            ));
+        }
+        Err(Error::config(
+            "database.url",
+            "must start with postgres:// (or postgresql://), mysql:// (or mariadb://) or sqlite:",
+        ))
     }
 
     /// The relay's pool: connects on first use, so the relay can start
     /// while the database is down and catch up when it returns; its
-    /// sessions have [`statement_timeout`](Self::statement_timeout).
+    /// sessions have [`statement_timeout`](Self::statement_timeout)
+    /// (PostgreSQL; MySQL/MariaDB get it as `innodb_lock_wait_timeout`,
+    /// SQLite as its busy timeout).
     ///
     /// # Errors
-    /// [`Error::Config`] if the URL is invalid.
-    pub fn connect_lazy(&self) -> Result<PgPool> {
-        let mut options = self.connect_options()?;
-        if !self.statement_timeout.is_zero() {
-            let millis = self.statement_timeout.as_millis();
-            // A session whose client went silent mid-transaction (see
-            // `deadline`) would keep its locks until TCP gives up; the server
-            // ends it after this long idle in its transaction.
-            options = options.options([
-                ("statement_timeout", format!("{millis}ms")),
-                (
-                    "idle_in_transaction_session_timeout",
-                    format!("{}ms", millis * 2),
-                ),
-            ]);
-        }
-        Ok(self.pool_options().connect_lazy_with(options))
+    /// [`Error::Config`] if the URL is invalid or names a backend this build
+    /// lacks.
+    pub fn connect_lazy(&self) -> Result<DatabasePool> {
+        let timeout = self.statement_timeout;
+        Ok(match self.connect_options()? {
+            Backend::Postgres(mut options) => {
+                if !timeout.is_zero() {
+                    let millis = timeout.as_millis();
+                    // A session whose client went silent mid-transaction
+                    // (see `deadline`) would keep its locks until TCP gives
+                    // up; the server ends it after this long idle in its
+                    // transaction.
+                    options = options.options([
+                        ("statement_timeout", format!("{millis}ms")),
+                        (
+                            "idle_in_transaction_session_timeout",
+                            format!("{}ms", millis * 2),
+                        ),
+                    ]);
+                }
+                DatabasePool::Postgres(self.pool_options().connect_lazy_with(options))
+            }
+            #[cfg(feature = "mysql")]
+            Backend::MySql(options) => {
+                let seconds = timeout.as_secs().max(1);
+                let pool = self.pool_options::<sqlx::MySql>();
+                let pool = if timeout.is_zero() {
+                    pool
+                } else {
+                    pool.after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            use sqlx::Executor as _;
+                            // Both MySQL 8 and MariaDB know this one (their
+                            // statement time limits differ in name and scope).
+                            conn.execute(sqlx::AssertSqlSafe(format!(
+                                "SET SESSION innodb_lock_wait_timeout = {seconds}"
+                            )))
+                            .await
+                            .map(|_| ())
+                        })
+                    })
+                };
+                DatabasePool::MySql(pool.connect_lazy_with(options))
+            }
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(options) => {
+                let options = sqlite_options(options, timeout);
+                DatabasePool::Sqlite(self.pool_options().connect_lazy_with(options))
+            }
+        })
     }
 
     /// How long one database round of the relay may take before it gives up
@@ -169,18 +238,52 @@ impl DatabaseSettings {
     /// long.
     ///
     /// # Errors
-    /// [`Error::Config`] if the URL is invalid.
-    pub fn connect_lazy_unbounded(&self) -> Result<PgPool> {
-        Ok(self
-            .pool_options()
-            .connect_lazy_with(self.connect_options()?))
+    /// [`Error::Config`] if the URL is invalid or names a backend this build
+    /// lacks.
+    pub fn connect_lazy_unbounded(&self) -> Result<DatabasePool> {
+        Ok(match self.connect_options()? {
+            Backend::Postgres(options) => {
+                DatabasePool::Postgres(self.pool_options().connect_lazy_with(options))
+            }
+            #[cfg(feature = "mysql")]
+            Backend::MySql(options) => {
+                DatabasePool::MySql(self.pool_options().connect_lazy_with(options))
+            }
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(options) => {
+                let options = sqlite_options(options, Duration::from_secs(30));
+                DatabasePool::Sqlite(self.pool_options().connect_lazy_with(options))
+            }
+        })
     }
 
-    fn pool_options(&self) -> PgPoolOptions {
-        PgPoolOptions::new()
+    fn pool_options<DB: sqlx::Database>(&self) -> PoolOptions<DB> {
+        PoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
     }
+}
+
+/// The connect options of the backend a URL names.
+enum Backend {
+    Postgres(PgConnectOptions),
+    #[cfg(feature = "mysql")]
+    MySql(sqlx::mysql::MySqlConnectOptions),
+    #[cfg(feature = "sqlite")]
+    Sqlite(sqlx::sqlite::SqliteConnectOptions),
+}
+
+/// SQLite as the relay wants it: WAL (readers beside the one writer), a
+/// busy timeout of `timeout` (at least 5 s) for the writer's lock, and the
+/// file created if missing.
+#[cfg(feature = "sqlite")]
+fn sqlite_options(
+    options: sqlx::sqlite::SqliteConnectOptions,
+    timeout: Duration,
+) -> sqlx::sqlite::SqliteConnectOptions {
+    options
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(timeout.max(Duration::from_secs(5)))
 }
 
 /// `url` with its password and `password`/`sslpassword` parameters replaced
@@ -218,4 +321,59 @@ pub fn redact_url(url: &str) -> String {
         parsed.query_pairs_mut().clear().extend_pairs(pairs);
     }
     parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(url: &str) -> String {
+        let settings = DatabaseSettings {
+            url: url.into(),
+            ..DatabaseSettings::default()
+        };
+        settings.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_unknown_scheme_names_the_ones_that_work() {
+        let error = error_of("oracle://db/x");
+        assert!(
+            error.contains("database.url") && error.contains("mysql://"),
+            "{error}"
+        );
+    }
+
+    /// Run where the feature is off: `cargo test -p consign-relay --lib`
+    /// (scripts/test.sh does), not in the workspace build, which turns it on.
+    #[cfg(not(feature = "mysql"))]
+    #[test]
+    fn a_mysql_url_without_the_feature_names_the_feature() {
+        let error = error_of("mysql://u@h/db");
+        assert!(error.contains("the cargo feature `mysql`"), "{error}");
+    }
+
+    #[cfg(not(feature = "sqlite"))]
+    #[test]
+    fn a_sqlite_url_without_the_feature_names_the_feature() {
+        let error = error_of("sqlite:///tmp/x.db");
+        assert!(error.contains("the cargo feature `sqlite`"), "{error}");
+    }
+
+    #[cfg(all(feature = "mysql", feature = "sqlite"))]
+    #[test]
+    fn every_backend_url_is_accepted_with_its_feature() {
+        for url in [
+            "postgres://u@h/db",
+            "mysql://u@h/db",
+            "mariadb://u@h/db",
+            "sqlite:///x.db",
+        ] {
+            let settings = DatabaseSettings {
+                url: url.into(),
+                ..DatabaseSettings::default()
+            };
+            settings.validate().unwrap();
+        }
+    }
 }

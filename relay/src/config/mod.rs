@@ -16,12 +16,9 @@
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use sqlx::{
-    PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::{pool::PoolOptions, postgres::PgConnectOptions};
 
-use crate::{Error, Result};
+use crate::{DatabasePool, Error, Result};
 
 mod admin;
 mod database;

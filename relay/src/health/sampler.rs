@@ -8,7 +8,6 @@ use std::{
 
 use metrics::gauge;
 use rdkafka::{ClientConfig, producer::BaseProducer};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -17,7 +16,7 @@ use crate::{metrics as m, store::RelayStore as _};
 
 /// Samples the backlog and checks the dependencies every `interval`.
 pub(crate) struct Sampler {
-    pub(crate) pool: PgPool,
+    pub(crate) pool: crate::DatabasePool,
     pub(crate) kafka: ClientConfig,
     pub(crate) interval: Duration,
     pub(crate) health: Health,
@@ -85,7 +84,7 @@ impl Sampler {
         };
         Health::record(
             &self.health.inner.database,
-            "PostgreSQL",
+            self.pool.backend(),
             m::DATABASE_UP,
             database,
         );
@@ -98,7 +97,7 @@ impl Sampler {
     }
 }
 
-async fn sample_backlog(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+async fn sample_backlog(conn: &mut crate::store::Conn) -> sqlx::Result<()> {
     let sample = conn.sample_backlog().await?;
     #[allow(clippy::cast_precision_loss)] // row counts far below 2^52
     {

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use sqlx::Connection as _;
 use tracing::{debug, warn};
 
 use super::Relay;
@@ -59,18 +58,8 @@ impl Relay {
         // delivered rows still there, or it would count them as fenced.
         let deleted = (|| {
             self.db.run(async |conn| {
-                let mut tx = conn.begin().await?;
-                let mut deleted = 0;
-                if !delivered.is_empty() {
-                    deleted = tx
-                        .delete_published(fence, &delivered, self.settings.archive)
-                        .await?;
-                }
-                if !failures.is_empty() {
-                    tx.record_failures(fence, &failures).await?;
-                }
-                tx.commit().await?;
-                Ok(deleted)
+                conn.settle(fence, &delivered, &failures, self.settings.archive)
+                    .await
             })
         })
         .retry(retry)

@@ -1,19 +1,19 @@
 //! The relay's storage seam. Each backend is one module holding all of its
-//! SQL (today [`postgres`]); [`RelayStore`] is everything the relay's logic
-//! (publishing loop, lease coordinator, health sampler, status, archive)
-//! asks of a connection. A second database is a second module implementing
-//! it, plus the connection type in the relay's `Db` (see the MySQL/SQLite
-//! notes in DEVELOPERS.md): the loop itself does not change.
+//! SQL ([`postgres`], `mysql`, `sqlite`); [`RelayStore`] is everything the
+//! relay's logic (publishing loop, lease coordinator, health sampler,
+//! status, archive) asks of a connection, and [`DatabasePool`] the pool it
+//! runs on, whose connection dispatches to the backend: the loop itself
+//! does not know which database it runs on.
 //!
 //! What every backend must give the methods:
 //! - rows of one key in `seq` (insert) order, skipping rows waiting for a
 //!   retry and every later row of their key and topic;
-//! - fenced writes: [`delete_published`](RelayStore::delete_published),
-//!   [`record_failures`](RelayStore::record_failures) and
+//! - fenced writes: [`settle`](RelayStore::settle) and
 //!   [`held`](RelayStore::held) check the lease rows against the epochs the
 //!   relay read its rows under and lock them shared until the transaction
 //!   ends (PostgreSQL `FOR SHARE`; MySQL `LOCK IN SHARE MODE`; SQLite's one
-//!   writer), so a relay that lost a lease cannot delete its rows;
+//!   writer, `BEGIN IMMEDIATE`), so a relay that lost a lease cannot delete
+//!   its rows;
 //! - the database's clock for every lease time.
 
 use std::{collections::BTreeMap, future::Future};
@@ -26,7 +26,15 @@ use crate::{
     status::{Backlog, FailedRow},
 };
 
+#[cfg(feature = "mysql")]
+mod mysql;
+mod pool;
 mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+pub(crate) use pool::Conn;
+pub use pool::DatabasePool;
 
 /// One outbox row as the relay reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -101,7 +109,8 @@ pub(crate) struct Renewal {
 }
 
 /// What the relay needs from a database connection. Implemented for
-/// [`sqlx::PgConnection`]; each method is one round (or one transaction)
+/// [`sqlx::PgConnection`], `MySqlConnection`, `SqliteConnection` and the
+/// pool's [`Conn`] dispatching to them; each method is one round (or one transaction)
 /// and returns the database's error untouched, so the callers' deadline and
 /// retry rules apply alike to every backend.
 pub(crate) trait RelayStore: Send {
@@ -116,22 +125,17 @@ pub(crate) trait RelayStore: Send {
         max_bytes: i64,
     ) -> impl Future<Output = sqlx::Result<Vec<OutboxRow>>> + Send;
 
-    /// Deletes (or with `archive`, moves to the archive) acknowledged rows
-    /// of partitions `fence` still holds. Returns how many; rows of lost
-    /// partitions stay for their new owner.
-    fn delete_published(
+    /// Settles a batch in one transaction: deletes (or with `archive`,
+    /// moves to the archive) the `delivered` rows and records `failures`
+    /// (error, next attempt), both only in partitions `fence` still holds.
+    /// Returns how many rows were deleted; rows of lost partitions stay for
+    /// their new owner.
+    fn settle(
         &mut self,
         fence: Fence<'_>,
-        seqs: &[i64],
-        archive: bool,
-    ) -> impl Future<Output = sqlx::Result<u64>> + Send;
-
-    /// Records publish failures (error, next attempt) on rows of partitions
-    /// `fence` still holds.
-    fn record_failures(
-        &mut self,
-        fence: Fence<'_>,
+        delivered: &[i64],
         failures: &[Failure],
+        archive: bool,
     ) -> impl Future<Output = sqlx::Result<u64>> + Send;
 
     /// The partitions of `fence` still leased under the same epochs.

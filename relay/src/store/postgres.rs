@@ -160,41 +160,23 @@ impl RelayStore for PgConnection {
             .await
     }
 
-    async fn delete_published(
+    async fn settle(
         &mut self,
         fence: Fence<'_>,
-        seqs: &[i64],
+        delivered: &[i64],
+        failures: &[Failure],
         archive: bool,
     ) -> sqlx::Result<u64> {
-        let statement = if archive {
-            ARCHIVE_PUBLISHED
-        } else {
-            DELETE_PUBLISHED
-        };
-        let done = fence
-            .bind(sqlx::query(statement))
-            .bind(seqs)
-            .execute(self)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn record_failures(
-        &mut self,
-        fence: Fence<'_>,
-        failures: &[Failure],
-    ) -> sqlx::Result<u64> {
-        let seqs: Vec<i64> = failures.iter().map(|f| f.seq).collect();
-        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-        let delays: Vec<i64> = failures.iter().map(|f| f.retry_in_ms).collect();
-        let done = fence
-            .bind(sqlx::query(RECORD_FAILURES))
-            .bind(seqs)
-            .bind(errors)
-            .bind(delays)
-            .execute(self)
-            .await?;
-        Ok(done.rows_affected())
+        let mut tx = self.begin().await?;
+        let mut deleted = 0;
+        if !delivered.is_empty() {
+            deleted = delete_published(&mut tx, fence, delivered, archive).await?;
+        }
+        if !failures.is_empty() {
+            record_failures(&mut tx, fence, failures).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     async fn held(&mut self, fence: Fence<'_>) -> sqlx::Result<Vec<i16>> {
@@ -386,4 +368,41 @@ impl RelayStore for PgConnection {
                 .rows_affected();
         Ok((dropped, default_rows))
     }
+}
+
+async fn delete_published(
+    conn: &mut PgConnection,
+    fence: Fence<'_>,
+    seqs: &[i64],
+    archive: bool,
+) -> sqlx::Result<u64> {
+    let statement = if archive {
+        ARCHIVE_PUBLISHED
+    } else {
+        DELETE_PUBLISHED
+    };
+    let done = fence
+        .bind(sqlx::query(statement))
+        .bind(seqs)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+async fn record_failures(
+    conn: &mut PgConnection,
+    fence: Fence<'_>,
+    failures: &[Failure],
+) -> sqlx::Result<u64> {
+    let seqs: Vec<i64> = failures.iter().map(|f| f.seq).collect();
+    let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+    let delays: Vec<i64> = failures.iter().map(|f| f.retry_in_ms).collect();
+    let done = fence
+        .bind(sqlx::query(RECORD_FAILURES))
+        .bind(seqs)
+        .bind(errors)
+        .bind(delays)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
 }
