@@ -55,12 +55,13 @@ own=$(awk '/Running tests\/real_kafka.rs/ { on = 1 } on && /^test result:/ { pri
 echo "broker tiers: $mock tests passed on the mock cluster; on real Kafka $((shared + ${own:-0})) ($shared shared bodies + ${own:-0} in tests/real_kafka.rs)"
 
 step "examples"
-# The quickstart's embedded default (no DATABASE_URL: a SQLite file), then on
-# both servers.
-env -u DATABASE_URL cargo run --locked --example quickstart
-cargo run --locked --example quickstart
-DATABASE_URL="${MYSQL_URL:-mysql://consign:consign@127.0.0.1:3306/test}" \
-    cargo run --locked --example quickstart
-cargo run --locked --example orders_inventory
+# Each on its embedded default (no DATABASE_URL: a SQLite file), then on both
+# servers.
+for example in quickstart orders_inventory; do
+    env -u DATABASE_URL cargo run --locked --example "$example"
+    cargo run --locked --example "$example"
+    DATABASE_URL="${MYSQL_URL:-mysql://consign:consign@127.0.0.1:3306/test}" \
+        cargo run --locked --example "$example"
+done
 
 step "all passed"

@@ -43,8 +43,9 @@
 //!   happen once.
 //!
 //! Features `mysql` and `sqlite` add those databases to the outbox
-//! (`enqueue`, `migrate`) and the relay (`Relay::builder` on a `MySqlPool`
-//! or `SqlitePool`); the inbox runs on PostgreSQL so far.
+//! (`enqueue`, `migrate`), the relay (`Relay::builder` on a `MySqlPool` or
+//! `SqlitePool`) and the inbox (`InboxLayer::new` on one; the handler takes
+//! a `Delivery<sqlx::MySql>` or `Delivery<sqlx::Sqlite>`).
 
 pub use consign_outbox as outbox;
 pub use consign_outbox::{Event, MIGRATOR, Message, Outbox, migrate};

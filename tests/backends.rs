@@ -466,3 +466,136 @@ guarantee! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The inbox on every backend.
+// ---------------------------------------------------------------------------
+
+use consign_test_support::effects::{TestMessage, produce};
+
+/// Runs `consign-relay` with `args` and only `DATABASE_URL` = `url`;
+/// returns whether it succeeded and what it printed.
+async fn relay_command(url: &str, args: &[&str]) -> (bool, String) {
+    let mut relay = RelayProcess::start_relay(args, &[("DATABASE_URL", url)]).unwrap();
+    let status = relay.wait(Duration::from_secs(30)).await.unwrap();
+    (status.success(), relay.output())
+}
+
+guarantee! {
+    /// Poison messages go to the dead letters with their reason (an
+    /// undecodable payload, a message without id) while the others'
+    /// effects apply once (a duplicate is skipped); `consign-relay
+    /// dead-letters` lists, requeues (through the outbox) and purges them,
+    /// and `cleanup` runs, on this backend.
+    [postgres, mysql, sqlite]
+    async fn inbox_dead_letters_poison_and_skips_duplicates(db: &TestDb) {
+        db.create_effects_table().await.unwrap();
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("poison");
+        kafka.create_topic(&topic, 2).unwrap();
+        let mut messages = TestMessage::stream(4, 5); // 20 good ones
+        let duplicate = messages[3].clone();
+        messages.push(duplicate);
+        messages.push(TestMessage { id: Some(uuid::Uuid::now_v7()), key: "key-0".into(), payload: b"not json".to_vec() });
+        messages.push(TestMessage { id: None, key: "key-1".into(), payload: b"{}".to_vec() });
+        produce(kafka.bootstrap(), &topic, &messages).await.unwrap();
+
+        let inbox = db.start_inbox("poison-test", kafka.bootstrap(), &topic);
+        consign_test_support::eventually("every message settled", WAIT, || async {
+            let effects = db.tally().await?.distinct;
+            let letters = db.count("consign_dead_letters").await?;
+            Ok((effects == 20 && letters == 2).then_some(()))
+        })
+        .await
+        .unwrap();
+        inbox.stop().await;
+        let tally = db.tally().await.unwrap();
+        assert_eq!(tally.effects, 20, "the duplicate's effect applied twice");
+        assert_eq!(tally.out_of_order_keys, 0);
+
+        let (ok, output) = relay_command(db.url(), &["dead-letters", "list", "--all", "--json"]).await;
+        assert!(ok, "{output}");
+        let start = output.find('[').unwrap();
+        let letters: serde_json::Value = serde_json::from_str(&output[start..]).unwrap();
+        let letters = letters.as_array().unwrap();
+        let errors: Vec<&str> = letters.iter().map(|l| l["error"].as_str().unwrap()).collect();
+        assert!(errors.iter().any(|e| e.contains("payload is not a valid")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("consign-id")), "{errors:?}");
+        let undecodable = letters
+            .iter()
+            .find(|l| l["error"].as_str().unwrap().contains("payload is not a valid"))
+            .unwrap()["id"]
+            .to_string();
+
+        let (ok, output) = relay_command(db.url(), &["dead-letters", "requeue", "--id", &undecodable]).await;
+        assert!(ok, "{output}");
+        assert!(output.contains("1 requeued, 0 kept"), "{output}");
+        assert_eq!(db.outbox_len().await.unwrap(), 1, "requeued through the outbox");
+        let (ok, output) = relay_command(db.url(), &["dead-letters", "purge", "--all"]).await;
+        assert!(ok, "{output}");
+        assert!(output.contains("purged 1 dead letters"), "{output}");
+        let (ok, output) = relay_command(db.url(), &["cleanup", "--inbox-older-than", "1h"]).await;
+        assert!(ok, "{output}");
+        assert!(output.contains("deleted 0 inbox records"), "{output}");
+        let (ok, output) = relay_command(db.url(), &["cleanup", "--inbox-older-than", "0s"]).await;
+        assert!(ok, "{output}");
+        assert!(output.contains("deleted 20 inbox records"), "{output}");
+    }
+}
+
+guarantee! {
+    /// The inbox consumer process SIGKILLed at random points (at least 5
+    /// times mid-stream) and restarted: every message's effect exactly
+    /// once, in key order.
+    [postgres, mysql, sqlite]
+    async fn inbox_consumer_sigkilled_ends_exact(db: &TestDb) {
+        db.create_effects_table().await.unwrap();
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("inbox-kill");
+        kafka.create_topic(&topic, 3).unwrap();
+        let messages = TestMessage::stream(40, 75); // 3,000 messages, 40 keys
+        produce(kafka.bootstrap(), &topic, &messages).await.unwrap();
+        let total = i64::try_from(messages.len()).unwrap();
+        let env = [
+            ("DATABASE_URL", db.url()),
+            ("TEST_BOOTSTRAP", kafka.bootstrap()),
+            ("TEST_TOPIC", topic.as_str()),
+            ("TEST_GROUP", "kill-test"),
+            // Small batches: slower, so that the kills land mid-stream.
+            ("TEST_MAX_BATCH", "8"),
+        ];
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let mut kills = 0;
+        let mut consumer = consign_test_support::ChildProcess::start_consumer(&env).unwrap();
+        while kills < 6 {
+            let start = db.tally().await.unwrap().distinct;
+            let progress = rng.random_range(50..300);
+            let now = consign_test_support::eventually("progress", WAIT, || async {
+                let now = db.tally().await?.distinct;
+                Ok((now >= (start + progress).min(total)).then_some(now))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", consumer.output()));
+            if now >= total {
+                break;
+            }
+            consumer.kill().unwrap();
+            kills += 1;
+            println!("kill {kills} at {now} effects");
+            consumer = consign_test_support::ChildProcess::start_consumer(&env).unwrap();
+        }
+        consign_test_support::eventually("every effect", WAIT, || async {
+            Ok((db.tally().await?.distinct >= total).then_some(()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", consumer.output()));
+        let status = consumer.terminate(Duration::from_secs(30)).await.unwrap();
+        assert!(status.success(), "{}", consumer.output());
+        let tally = db.tally().await.unwrap();
+        println!("{total} messages, {kills} SIGKILLs: {tally:?}");
+        assert!(kills >= 5, "only {kills} kills happened mid-stream");
+        assert_eq!(tally.effects, total, "an effect was applied twice");
+        assert_eq!(tally.distinct, total);
+        assert_eq!(tally.out_of_order_keys, 0, "per-key order of effects");
+    }
+}

@@ -56,17 +56,26 @@ pub(crate) fn database(config: &Config) -> Result<DatabasePool> {
     Ok(config.database.connect_lazy_unbounded()?)
 }
 
-/// The PostgreSQL pool of `[database]`, for the commands on the inbox's
-/// tables (`what`), which run on PostgreSQL only so far.
-pub(crate) fn postgres(config: &Config, what: &'static str) -> Result<sqlx::PgPool> {
-    match database(config)? {
-        DatabasePool::Postgres(pool) => Ok(pool),
-        other => Err(Error::Unsupported {
-            what,
-            backend: other.backend(),
-        }),
-    }
+/// `$body` with `$pool` bound to the sqlx pool inside a [`DatabasePool`]
+/// (for the libraries' functions generic over the database).
+macro_rules! with_pool {
+    ($database:expr, $pool:ident => $body:expr) => {
+        match $database {
+            DatabasePool::Postgres($pool) => $body,
+            #[cfg(feature = "mysql")]
+            DatabasePool::MySql($pool) => $body,
+            #[cfg(feature = "sqlite")]
+            DatabasePool::Sqlite($pool) => $body,
+            #[allow(unreachable_patterns)] // the pool enum is non-exhaustive
+            other => {
+                return Err(crate::error::Error::Unsupported {
+                    backend: other.backend(),
+                })
+            }
+        }
+    };
 }
+pub(crate) use with_pool;
 
 /// `migrate`: consign's schema on the database of `database.url`, chosen by
 /// its scheme (postgres://, mysql:// or sqlite://).
@@ -100,7 +109,6 @@ async fn migrate(config: &Config) -> Result<()> {
         #[allow(unreachable_patterns)] // the pool enum is non-exhaustive
         other => {
             return Err(Error::Unsupported {
-                what: "migrate",
                 backend: other.backend(),
             });
         }
@@ -184,10 +192,10 @@ struct Cleaned {
 }
 
 async fn cleanup(config: &Config, retention: &RetentionSettings, json: bool) -> Result<()> {
-    let pool = postgres(config, "cleanup of the inbox's tables")?;
+    let pool = database(config)?;
     let inbox = consign_inbox::retention::Retention::inbox(retention.inbox)
         .dead_letters(retention.dead_letters);
-    let inbox = consign_inbox::retention::cleanup(&pool, inbox).await?;
+    let inbox = with_pool!(&pool, p => consign_inbox::retention::cleanup(p, inbox).await?);
     let archive = match retention.archive {
         Some(age) => consign_relay::retention::cleanup_archive(&pool, age).await?,
         None => consign_relay::retention::ArchiveCleaned::default(),
@@ -261,11 +269,7 @@ impl Report {
 
 async fn status(config: &Config, json: bool) -> Result<()> {
     let pool = database(config)?;
-    // The inbox's tables are read on PostgreSQL only so far.
-    let dead_letters = match pool.as_postgres() {
-        Some(pg) => consign_inbox::dead_letters::counts(pg).await?,
-        None => Vec::new(),
-    };
+    let dead_letters = with_pool!(&pool, p => consign_inbox::dead_letters::counts(p).await?);
     let status = Report {
         relay: consign_relay::status(&pool).await?,
         dead_letters,

@@ -1,26 +1,31 @@
 //! `consign-relay dead-letters`: list, requeue, purge
 //! ([`consign_inbox::dead_letters`]).
 
-use consign_inbox::dead_letters;
+use consign_inbox::{InboxBackend, dead_letters};
 use consign_outbox::Outbox;
 use consign_relay::Config;
+use consign_relay::DatabasePool;
+use sqlx::Pool;
 
 use crate::{
     args::DeadLetterCommand,
-    commands::{postgres, print_json},
+    commands::{database, print_json, with_pool},
     error::Result,
 };
 
 /// Runs a `dead-letters` command.
 pub(crate) async fn command(config: &Config, command: DeadLetterCommand) -> Result<()> {
-    let pool = postgres(config, "dead letters")?;
+    with_pool!(&database(config)?, pool => on(pool, command).await)
+}
+
+async fn on<DB: InboxBackend>(pool: &Pool<DB>, command: DeadLetterCommand) -> Result<()> {
     match command {
         DeadLetterCommand::List {
             select,
             limit,
             json,
         } => {
-            let letters = dead_letters::list(&pool, &select.selection(true)?, limit).await?;
+            let letters = dead_letters::list(pool, &select.selection(true)?, limit).await?;
             if json {
                 print_json(&letters);
                 return Ok(());
@@ -46,7 +51,7 @@ pub(crate) async fn command(config: &Config, command: DeadLetterCommand) -> Resu
         }
         DeadLetterCommand::Requeue { select, json } => {
             let done =
-                dead_letters::requeue(&pool, &Outbox::new(), &select.selection(false)?).await?;
+                dead_letters::requeue(pool, &Outbox::new(), &select.selection(false)?).await?;
             if json {
                 print_json(&done);
                 return Ok(());
@@ -64,7 +69,7 @@ pub(crate) async fn command(config: &Config, command: DeadLetterCommand) -> Resu
             );
         }
         DeadLetterCommand::Purge { select, json } => {
-            let purged = dead_letters::purge(&pool, &select.selection(false)?).await?;
+            let purged = dead_letters::purge(pool, &select.selection(false)?).await?;
             if json {
                 print_json(&serde_json::json!({ "purged": purged }));
             } else {

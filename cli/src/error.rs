@@ -32,12 +32,9 @@ pub(crate) enum Error {
         path: std::path::PathBuf,
         reason: String,
     },
-    /// A command that does not run on the configured database yet.
-    #[error("{what} runs on PostgreSQL only so far; database.url names {backend}")]
-    Unsupported {
-        what: &'static str,
-        backend: &'static str,
-    },
+    /// A database this build of the binary has no support for.
+    #[error("database.url names {backend}, which this build of consign-relay does not support")]
+    Unsupported { backend: &'static str },
     /// The Prometheus recorder could not be installed.
     #[error("cannot install the Prometheus recorder: {0}")]
     Metrics(String),

@@ -3,14 +3,17 @@
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::Received;
+use crate::{InboxBackend, Received};
 
 /// One message handed to the inner service, with the database transaction
-/// that also records it as handled.
+/// that also records it as handled. `DB` is the inbox's database
+/// ([`InboxBackend`]): PostgreSQL unless the [`InboxLayer`](crate::InboxLayer)
+/// was built on a MySQL or SQLite pool, where handlers take a
+/// `Delivery<sqlx::MySql>` or `Delivery<sqlx::Sqlite>`.
 ///
 /// Write through [`Delivery::conn`]: those writes commit together with the
 /// inbox's dedup record, or not at all. When the handler returns, the
@@ -34,29 +37,29 @@ use crate::Received;
 /// }
 /// ```
 #[derive(Debug)]
-pub struct Delivery {
+pub struct Delivery<DB: InboxBackend = Postgres> {
     message: Arc<Received>,
     id: Uuid,
     attempt: u32,
-    tx: Option<Transaction<'static, Postgres>>,
-    back: Option<oneshot::Sender<Returned>>,
+    tx: Option<Transaction<'static, DB>>,
+    back: Option<oneshot::Sender<Returned<DB>>>,
     poison: Option<String>,
 }
 
 /// What a dropped [`Delivery`] hands back to the inbox.
 #[derive(Debug)]
-pub(crate) struct Returned {
-    pub(crate) tx: Transaction<'static, Postgres>,
+pub(crate) struct Returned<DB: InboxBackend> {
+    pub(crate) tx: Transaction<'static, DB>,
     pub(crate) poison: Option<String>,
 }
 
-impl Delivery {
+impl<DB: InboxBackend> Delivery<DB> {
     pub(crate) fn new(
         message: Arc<Received>,
         id: Uuid,
         attempt: u32,
-        tx: Transaction<'static, Postgres>,
-    ) -> (Self, oneshot::Receiver<Returned>) {
+        tx: Transaction<'static, DB>,
+    ) -> (Self, oneshot::Receiver<Returned<DB>>) {
         let (back, receiver) = oneshot::channel();
         let delivery = Self {
             message,
@@ -111,7 +114,7 @@ impl Delivery {
     ///
     /// # Panics
     /// Never: the transaction is present until the `Delivery` is dropped.
-    pub fn conn(&mut self) -> &mut PgConnection {
+    pub fn conn(&mut self) -> &mut DB::Connection {
         self.transaction()
     }
 
@@ -120,7 +123,7 @@ impl Delivery {
     ///
     /// # Panics
     /// Never: the transaction is present until the `Delivery` is dropped.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
+    pub fn transaction(&mut self) -> &mut Transaction<'static, DB> {
         self.tx
             .as_mut()
             .expect("the transaction is taken only when the Delivery is dropped")
@@ -154,7 +157,7 @@ impl Delivery {
     }
 }
 
-impl Drop for Delivery {
+impl<DB: InboxBackend> Drop for Delivery<DB> {
     fn drop(&mut self) {
         if let (Some(tx), Some(back)) = (self.tx.take(), self.back.take()) {
             // If the inbox is gone (its future was dropped), the transaction

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
-use sqlx::PgPool;
+use sqlx::{Pool, Postgres};
 use tower::Layer;
 
-use crate::{Error, InboxService};
+use crate::{Error, InboxBackend, InboxService};
 
 /// What the inbox does with a message that has no usable `consign-id`
 /// header (not produced by a consign relay, or altered on the way).
@@ -119,7 +119,7 @@ pub(crate) enum Counted {
     ForAnotherConsumer,
 }
 
-impl Shared {
+impl<DB: InboxBackend> Shared<DB> {
     /// Adds `n` to the inbox's counter and to its metric.
     pub(crate) fn count(&self, what: Counted, n: u64) {
         if n == 0 {
@@ -146,8 +146,8 @@ impl Shared {
 }
 
 /// Settings shared by an inbox's services.
-pub(crate) struct Shared {
-    pub(crate) pool: PgPool,
+pub(crate) struct Shared<DB: InboxBackend> {
+    pub(crate) pool: Pool<DB>,
     pub(crate) consumer: String,
     pub(crate) retry: RetryPolicy,
     pub(crate) missing_id: MissingId,
@@ -155,7 +155,7 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
 }
 
-impl std::fmt::Debug for Shared {
+impl<DB: InboxBackend> std::fmt::Debug for Shared<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbox")
             .field("consumer", &self.consumer)
@@ -199,23 +199,34 @@ impl std::fmt::Debug for Shared {
 /// # let _ = service;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
-pub struct InboxLayer {
-    pub(crate) shared: Arc<Shared>,
+/// The inbox runs on the pool's database: PostgreSQL, or with the crate
+/// features `mysql` and `sqlite` a `MySqlPool` or `SqlitePool` (then the
+/// handler takes a `Delivery<sqlx::MySql>` or `Delivery<sqlx::Sqlite>`).
+#[derive(Debug)]
+pub struct InboxLayer<DB: InboxBackend = Postgres> {
+    pub(crate) shared: Arc<Shared<DB>>,
 }
 
-impl InboxLayer {
+impl<DB: InboxBackend> Clone for InboxLayer<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<DB: InboxBackend> InboxLayer<DB> {
     /// An inbox for `consumer` with the default retry policy and
     /// [`MissingId::DeadLetter`].
     ///
     /// # Errors
     /// [`Error::Config`] if `consumer` is empty.
-    pub fn new(pool: PgPool, consumer: impl Into<String>) -> Result<Self, Error> {
+    pub fn new(pool: Pool<DB>, consumer: impl Into<String>) -> Result<Self, Error> {
         Self::builder(pool, consumer).build()
     }
 
     /// Starts configuring an inbox for `consumer`.
-    pub fn builder(pool: PgPool, consumer: impl Into<String>) -> InboxLayerBuilder {
+    pub fn builder(pool: Pool<DB>, consumer: impl Into<String>) -> InboxLayerBuilder<DB> {
         InboxLayerBuilder {
             pool,
             consumer: consumer.into(),
@@ -233,7 +244,7 @@ impl InboxLayer {
 
     /// The database pool.
     #[must_use]
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Pool<DB> {
         &self.shared.pool
     }
 
@@ -251,8 +262,8 @@ impl InboxLayer {
     }
 }
 
-impl<S> Layer<S> for InboxLayer {
-    type Service = InboxService<S>;
+impl<S, DB: InboxBackend> Layer<S> for InboxLayer<DB> {
+    type Service = InboxService<S, DB>;
 
     fn layer(&self, inner: S) -> Self::Service {
         InboxService::new(Arc::clone(&self.shared), inner)
@@ -261,15 +272,15 @@ impl<S> Layer<S> for InboxLayer {
 
 /// Configures an [`InboxLayer`].
 #[must_use]
-pub struct InboxLayerBuilder {
-    pool: PgPool,
+pub struct InboxLayerBuilder<DB: InboxBackend = Postgres> {
+    pool: Pool<DB>,
     consumer: String,
     retry: RetryPolicy,
     missing_id: MissingId,
     dead_letter_producer: Option<FutureProducer>,
 }
 
-impl std::fmt::Debug for InboxLayerBuilder {
+impl<DB: InboxBackend> std::fmt::Debug for InboxLayerBuilder<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InboxLayerBuilder")
             .field("consumer", &self.consumer)
@@ -280,7 +291,7 @@ impl std::fmt::Debug for InboxLayerBuilder {
     }
 }
 
-impl InboxLayerBuilder {
+impl<DB: InboxBackend> InboxLayerBuilder<DB> {
     /// Retry policy for failing handlers.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
@@ -315,7 +326,7 @@ impl InboxLayerBuilder {
     /// # Errors
     /// [`Error::Config`] if the consumer name is empty or the retry policy
     /// allows no attempt.
-    pub fn build(self) -> Result<InboxLayer, Error> {
+    pub fn build(self) -> Result<InboxLayer<DB>, Error> {
         if self.consumer.trim().is_empty() {
             return Err(Error::Config(
                 "the inbox consumer name must not be empty".into(),

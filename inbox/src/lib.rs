@@ -23,6 +23,12 @@
 //!
 //! The tables come with consign's migrations (`consign_outbox::migrate`).
 //!
+//! Databases: PostgreSQL, and with the features `mysql` and `sqlite`,
+//! MySQL 8 / MariaDB 10.6+ and SQLite ([`InboxBackend`]). The inbox runs on
+//! the pool it is given; the handler's [`Delivery`] carries that database's
+//! transaction (`Delivery` is `Delivery<sqlx::Postgres>`; on MySQL write
+//! `Delivery<sqlx::MySql>`, on SQLite `Delivery<sqlx::Sqlite>`).
+//!
 //! ```no_run
 //! use consign_inbox::{Delivery, InboxConsumer, InboxLayer};
 //! use tokio_util::sync::CancellationToken;
@@ -75,3 +81,4 @@ pub use error::{BoxError, ConsumerError, Error, InboxError};
 pub use layer::{InboxLayer, InboxLayerBuilder, InboxStats, MissingId, RetryPolicy};
 pub use received::Received;
 pub use service::{BatchOutcome, InboxService, Outcome};
+pub use store::InboxBackend;

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::Pool;
 
-use crate::store::InboxStore as _;
+use crate::store::{InboxBackend, InboxStore as _};
 
 /// What [`cleanup`] deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,10 @@ pub struct Cleaned {
 ///
 /// # Errors
 /// On a database error.
-pub async fn cleanup(pool: &PgPool, retention: Retention) -> sqlx::Result<Cleaned> {
+pub async fn cleanup<DB: InboxBackend>(
+    pool: &Pool<DB>,
+    retention: Retention,
+) -> sqlx::Result<Cleaned> {
     let (inbox_records, dead_letters) = pool
         .acquire()
         .await?

@@ -358,6 +358,97 @@ impl TestDb {
         }
     }
 
+    /// Creates `test_effects` (see [`crate::effects`]).
+    ///
+    /// # Errors
+    /// On a database error.
+    pub async fn create_effects_table(&self) -> Result<()> {
+        match &self.pool {
+            AnyPool::Postgres(pool) => crate::effects::create_table(pool).await?,
+            AnyPool::MySql(pool) => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS test_effects (
+                         seq BIGINT AUTO_INCREMENT PRIMARY KEY, message_id BINARY(16) NOT NULL,
+                         `key` INT NOT NULL, n INT NOT NULL)",
+                )
+                .execute(pool)
+                .await?;
+            }
+            AnyPool::Sqlite(pool) => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS test_effects (
+                         seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id BLOB NOT NULL,
+                         \"key\" INTEGER NOT NULL, n INTEGER NOT NULL)",
+                )
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An inbox consumer in this process (group `group`) recording
+    /// [`crate::effects::Step`]s in `test_effects` with the backend's
+    /// handler; no retries beyond a second attempt.
+    ///
+    /// # Panics
+    /// If the inbox cannot be built.
+    #[must_use]
+    pub fn start_inbox(
+        &self,
+        group: &str,
+        bootstrap: &str,
+        topic: &str,
+    ) -> crate::effects::Running {
+        use crate::effects::{Running, record, record_mysql, record_sqlite};
+        use consign_inbox::{InboxLayer, RetryPolicy};
+        let retry = RetryPolicy::attempts(2).with_delays(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_millis(50),
+        );
+        macro_rules! start {
+            ($pool:expr, $handler:expr) => {{
+                let inbox = InboxLayer::builder($pool.clone(), group)
+                    .retry(retry)
+                    .build()
+                    .unwrap();
+                let service = tower::ServiceBuilder::new()
+                    .layer(inbox.clone())
+                    .service_fn($handler);
+                Running::start(&inbox, service, bootstrap, topic)
+            }};
+        }
+        match &self.pool {
+            AnyPool::Postgres(pool) => start!(pool, record),
+            AnyPool::MySql(pool) => start!(pool, record_mysql),
+            AnyPool::Sqlite(pool) => start!(pool, record_sqlite),
+        }
+    }
+
+    /// What `test_effects` says (see [`crate::effects::tally`]).
+    ///
+    /// # Errors
+    /// On a database error.
+    pub async fn tally(&self) -> Result<crate::effects::Tally> {
+        use crate::effects::{OUT_OF_ORDER, TALLY, Tally};
+        let quoted = match self.pool {
+            AnyPool::MySql(_) => OUT_OF_ORDER.to_owned(),
+            _ => OUT_OF_ORDER.replace('`', "\""),
+        };
+        let (effects, distinct, out_of_order_keys) = on_pool!(&self.pool, pool => {
+            let (effects, distinct): (i64, i64) = sqlx::query_as(TALLY).fetch_one(pool).await?;
+            let out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(quoted))
+                .fetch_one(pool)
+                .await?;
+            (effects, distinct, out)
+        });
+        Ok(Tally {
+            effects,
+            distinct,
+            out_of_order_keys,
+        })
+    }
+
     /// Closes the pool and drops the database.
     ///
     /// # Errors

@@ -29,8 +29,9 @@ impl Running {
     ///
     /// # Panics
     /// If the consumer cannot be built.
-    pub fn start<S>(inbox: &InboxLayer, service: S, bootstrap: &str, topic: &str) -> Self
+    pub fn start<S, DB>(inbox: &InboxLayer<DB>, service: S, bootstrap: &str, topic: &str) -> Self
     where
+        DB: consign_inbox::InboxBackend,
         S: tower::Service<Vec<Received>> + Clone + Send + 'static,
         S::Future: Send,
         S::Error: Into<BoxError>,
@@ -87,22 +88,46 @@ pub async fn create_table(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// The handler: decodes a [`Step`] and records the effect in the inbox's
-/// transaction.
-///
-/// # Errors
-/// Undecodable payload (dead letter) or database error (retry).
-pub async fn record(mut delivery: Delivery) -> Result<(), BoxError> {
-    let step: Step = delivery.json()?;
-    let id = delivery.id();
-    sqlx::query("INSERT INTO test_effects (message_id, key, n) VALUES ($1, $2, $3)")
-        .bind(id)
-        .bind(i32::try_from(step.key)?)
-        .bind(i32::try_from(step.n)?)
-        .execute(delivery.conn())
-        .await?;
-    Ok(())
+/// Defines the handler for one backend: decodes a [`Step`] and records the
+/// effect in the inbox's transaction (same body, the backend's SQL).
+macro_rules! record_on {
+    ($(#[$meta:meta])* $name:ident, $db:ty, $insert:literal) => {
+        $(#[$meta])*
+        ///
+        /// # Errors
+        /// Undecodable payload (dead letter) or database error (retry).
+        pub async fn $name(mut delivery: Delivery<$db>) -> Result<(), BoxError> {
+            let step: Step = delivery.json()?;
+            let id = delivery.id();
+            sqlx::query($insert)
+                .bind(id)
+                .bind(i32::try_from(step.key)?)
+                .bind(i32::try_from(step.n)?)
+                .execute(delivery.conn())
+                .await?;
+            Ok(())
+        }
+    };
 }
+
+record_on!(
+    /// The handler on PostgreSQL.
+    record,
+    sqlx::Postgres,
+    "INSERT INTO test_effects (message_id, key, n) VALUES ($1, $2, $3)"
+);
+record_on!(
+    /// The handler on MariaDB/MySQL.
+    record_mysql,
+    sqlx::MySql,
+    "INSERT INTO test_effects (message_id, `key`, n) VALUES (?, ?, ?)"
+);
+record_on!(
+    /// The handler on SQLite.
+    record_sqlite,
+    sqlx::Sqlite,
+    "INSERT INTO test_effects (message_id, \"key\", n) VALUES (?, ?, ?)"
+);
 
 /// What the effects table says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,24 +145,27 @@ pub struct Tally {
 /// # Errors
 /// On a database error.
 pub async fn tally(pool: &PgPool) -> Result<Tally> {
-    let (effects, distinct): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM test_effects")
+    let (effects, distinct): (i64, i64) = sqlx::query_as(TALLY).fetch_one(pool).await?;
+    let out_of_order_keys: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(OUT_OF_ORDER.replace('`', "\"")))
             .fetch_one(pool)
             .await?;
-    let out_of_order_keys: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT key) FROM (
-             SELECT key, n, lag(n) OVER (PARTITION BY key ORDER BY seq) AS before
-             FROM test_effects) t
-         WHERE before IS NOT NULL AND n <= before",
-    )
-    .fetch_one(pool)
-    .await?;
     Ok(Tally {
         effects,
         distinct,
         out_of_order_keys,
     })
 }
+
+/// Effects and distinct message ids (every backend).
+pub(crate) const TALLY: &str = "SELECT count(*), count(DISTINCT message_id) FROM test_effects";
+
+/// Keys whose effects are out of order, in MySQL's quoting (the others
+/// quote with `"`).
+pub(crate) const OUT_OF_ORDER: &str = "SELECT count(DISTINCT `key`) FROM (
+     SELECT `key`, n, lag(n) OVER (PARTITION BY `key` ORDER BY seq) AS before_n
+     FROM test_effects) t
+ WHERE before_n IS NOT NULL AND n <= before_n";
 
 /// One test message: id (`consign-id` header; `None` for none), key and
 /// payload.

@@ -17,7 +17,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -26,7 +25,10 @@ use tower::{Service, ServiceExt};
 
 use consign_outbox::secrets::{redacted_properties, refused_property};
 
-use crate::{BoxError, ConsumerError, InboxLayer, Received, store::InboxStore as _};
+use crate::{
+    BoxError, ConsumerError, InboxLayer, Received,
+    store::{InboxBackend, InboxStore as _},
+};
 
 mod dispatch;
 mod rebalance;
@@ -37,6 +39,18 @@ use rebalance::{Ctx, State};
 use worker::{Worker, partition_worker};
 
 type Tp = (String, i32);
+
+/// Reads the stored next offsets of a group for topics, on the inbox's
+/// database (the consumer itself does not depend on which).
+pub(crate) type OffsetReader = std::sync::Arc<
+    dyn Fn(
+            String,
+            Vec<String>,
+        )
+            -> futures_util::future::BoxFuture<'static, sqlx::Result<Vec<(String, i32, i64)>>>
+        + Send
+        + Sync,
+>;
 
 /// Consumer properties consign sets unless overridden.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
@@ -67,7 +81,7 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// # Ok(()) }
 /// ```
 pub struct InboxConsumer {
-    pool: PgPool,
+    offsets: OffsetReader,
     group: String,
     topics: Vec<String>,
     kafka: BTreeMap<String, String>,
@@ -99,10 +113,15 @@ pub struct InboxConsumerBuilder {
 impl InboxConsumer {
     /// A consumer for `inbox`: its consumer name is the Kafka group id and
     /// the group under which offsets are stored.
-    pub fn builder(inbox: &InboxLayer) -> InboxConsumerBuilder {
+    pub fn builder<DB: InboxBackend>(inbox: &InboxLayer<DB>) -> InboxConsumerBuilder {
+        let pool = inbox.pool().clone();
+        let offsets: OffsetReader = std::sync::Arc::new(move |group, topics| {
+            let pool = pool.clone();
+            Box::pin(async move { pool.acquire().await?.stored_offsets(&group, &topics).await })
+        });
         InboxConsumerBuilder {
             consumer: Self {
-                pool: inbox.pool().clone(),
+                offsets,
                 group: inbox.consumer().to_owned(),
                 topics: Vec::new(),
                 kafka: BTreeMap::new(),
@@ -245,7 +264,7 @@ where
     S::Error: Into<BoxError>,
 {
     let ctx = Ctx {
-        pool: settings.pool.clone(),
+        offsets: settings.offsets.clone(),
         group: settings.group.clone(),
         topics: settings.topics.clone(),
         handle: handle.clone(),

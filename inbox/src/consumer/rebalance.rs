@@ -18,7 +18,7 @@ pub(super) struct State {
 }
 
 pub(super) struct Ctx {
-    pub(super) pool: PgPool,
+    pub(super) offsets: super::OffsetReader,
     pub(super) group: String,
     pub(super) topics: Vec<String>,
     pub(super) handle: Handle,
@@ -56,7 +56,7 @@ impl Ctx {
                 tokio::select! {
                     read = tokio::time::timeout(
                         STORED_OFFSETS_TIMEOUT,
-                        stored_offsets(&self.pool, &self.group, &self.topics),
+                        (self.offsets)(self.group.clone(), self.topics.clone()),
                     ) => Some(read),
                     () = self.shutdown.cancelled() => None,
                 }
@@ -269,13 +269,4 @@ impl ConsumerContext for Ctx {
             tracing::error!(%error, "applying the rebalance failed");
         }
     }
-}
-
-/// The stored next offsets of `group` for `topics`.
-async fn stored_offsets(
-    pool: &sqlx::PgPool,
-    group: &str,
-    topics: &[String],
-) -> sqlx::Result<Vec<(String, i32, i64)>> {
-    pool.acquire().await?.stored_offsets(group, topics).await
 }

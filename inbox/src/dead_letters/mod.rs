@@ -17,10 +17,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::Pool;
 use uuid::Uuid;
 
-use crate::store::InboxStore as _;
+use crate::store::{InboxBackend, InboxStore as _};
 
 mod record;
 mod requeue;
@@ -119,8 +119,8 @@ pub struct DeadLetterCount {
 ///
 /// # Errors
 /// On a database error.
-pub async fn list(
-    pool: &PgPool,
+pub async fn list<DB: InboxBackend>(
+    pool: &Pool<DB>,
     selection: &Selection,
     limit: i64,
 ) -> sqlx::Result<Vec<DeadLetter>> {
@@ -134,7 +134,7 @@ pub async fn list(
 ///
 /// # Errors
 /// On a database error.
-pub async fn counts(pool: &PgPool) -> sqlx::Result<Vec<DeadLetterCount>> {
+pub async fn counts<DB: InboxBackend>(pool: &Pool<DB>) -> sqlx::Result<Vec<DeadLetterCount>> {
     pool.acquire().await?.count_dead_letters().await
 }
 
@@ -142,6 +142,6 @@ pub async fn counts(pool: &PgPool) -> sqlx::Result<Vec<DeadLetterCount>> {
 ///
 /// # Errors
 /// On a database error.
-pub async fn purge(pool: &PgPool, selection: &Selection) -> sqlx::Result<u64> {
+pub async fn purge<DB: InboxBackend>(pool: &Pool<DB>, selection: &Selection) -> sqlx::Result<u64> {
     pool.acquire().await?.purge_dead_letters(selection).await
 }

@@ -6,16 +6,19 @@ use std::time::Duration;
 use consign_outbox::headers::{self, dlq};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{InboxError, Received, layer::Shared, store::InboxStore as _};
+use crate::{
+    InboxError, Received,
+    layer::Shared,
+    store::{InboxBackend, InboxStore as _},
+};
 
 /// Writes the dead-letter row (and publishes to `<topic>.dlq` if
 /// configured) in the caller's transaction.
-pub(crate) async fn dead_letter(
-    shared: &Shared,
-    conn: &mut PgConnection,
+pub(crate) async fn dead_letter<DB: InboxBackend>(
+    shared: &Shared<DB>,
+    conn: &mut DB::Connection,
     id: Option<Uuid>,
     message: &Received,
     reason: &str,

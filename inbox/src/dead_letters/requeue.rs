@@ -5,11 +5,11 @@ use chrono::{DateTime, Utc};
 use consign_outbox::{Message, Outbox, headers};
 use serde::Serialize;
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::Pool;
 use uuid::Uuid;
 
 use super::{Selection, stored};
-use crate::store::{InboxStore as _, StoredLetter};
+use crate::store::{InboxBackend, InboxStore as _, StoredLetter};
 
 /// What a requeue did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -74,8 +74,8 @@ fn to_message(letter: &StoredLetter) -> Result<Message, String> {
 /// # Errors
 /// [`consign_outbox::Error::Database`] on a database error (nothing is
 /// changed then).
-pub async fn requeue(
-    pool: &PgPool,
+pub async fn requeue<DB: InboxBackend>(
+    pool: &Pool<DB>,
     outbox: &Outbox,
     selection: &Selection,
 ) -> consign_outbox::Result<Requeued> {
@@ -90,7 +90,7 @@ pub async fn requeue(
             break;
         };
         after = Some((last.failed_at, last.id));
-        requeue_page(&mut tx, outbox, &letters, &mut done).await?;
+        requeue_page::<DB>(&mut tx, outbox, &letters, &mut done).await?;
     }
     tx.commit().await?;
     Ok(done)
@@ -99,8 +99,8 @@ pub async fn requeue(
 /// Letters read per page by [`requeue`].
 const REQUEUE_PAGE: i64 = 100;
 
-async fn requeue_page(
-    tx: &mut PgConnection,
+async fn requeue_page<DB: InboxBackend>(
+    tx: &mut DB::Connection,
     outbox: &Outbox,
     letters: &[StoredLetter],
     done: &mut Requeued,

@@ -10,10 +10,10 @@ pub(super) struct Failure {
     pub(super) poison: bool,
 }
 
-pub(super) enum Attempt {
-    Succeeded(Transaction<'static, Postgres>),
+pub(super) enum Attempt<DB: InboxBackend> {
+    Succeeded(Transaction<'static, DB>),
     Failed {
-        tx: Option<Transaction<'static, Postgres>>,
+        tx: Option<Transaction<'static, DB>>,
         reason: String,
         poison: bool,
         /// The handler's statements were refused because an earlier
@@ -25,19 +25,20 @@ pub(super) enum Attempt {
 
 /// Calls the handler once with `tx`, catching panics, and takes the
 /// transaction back.
-pub(super) async fn attempt<S>(
-    shared: &Shared,
+pub(super) async fn attempt<S, DB>(
+    shared: &Shared<DB>,
     inner: &mut S,
     message: &Arc<Received>,
     id: Uuid,
     number: u32,
-    tx: Transaction<'static, Postgres>,
-) -> Result<Attempt, InboxError>
+    tx: Transaction<'static, DB>,
+) -> Result<Attempt<DB>, InboxError>
 where
-    S: Service<Delivery>,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>>,
     S::Error: Into<BoxError>,
 {
-    let ready = ServiceExt::<Delivery>::ready(inner)
+    let ready = ServiceExt::<Delivery<DB>>::ready(inner)
         .await
         .map_err(|e| InboxError::Service(e.into()))?;
     let (delivery, back) = Delivery::new(Arc::clone(message), id, number, tx);
@@ -74,7 +75,7 @@ where
                 returned.poison.is_some() || error.is::<DecodeError>() || error.is::<Rejected>();
             Attempt::Failed {
                 tx: Some(returned.tx),
-                after_earlier_error: !poison && in_failed_transaction(&*error),
+                after_earlier_error: !poison && in_failed_transaction::<DB>(&*error),
                 reason: returned.poison.unwrap_or_else(|| error_chain(&*error)),
                 poison,
             }
@@ -88,13 +89,13 @@ where
     })
 }
 
-/// Whether `error` (or a cause of it) is PostgreSQL refusing a statement
-/// because the transaction had already failed (SQLSTATE 25P02).
-fn in_failed_transaction(error: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether `error` (or a cause of it) is the database refusing a statement
+/// because the transaction had already failed (PostgreSQL's SQLSTATE 25P02).
+fn in_failed_transaction<DB: InboxBackend>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(error) = next {
         if let Some(sqlx::Error::Database(database)) = error.downcast_ref::<sqlx::Error>()
-            && database.code().as_deref() == Some("25P02")
+            && DB::is_after_earlier_error(&**database)
         {
             return true;
         }
@@ -122,7 +123,7 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-pub(super) async fn rollback(tx: Transaction<'static, Postgres>) {
+pub(super) async fn rollback<DB: InboxBackend>(tx: Transaction<'static, DB>) {
     if let Err(error) = tx.rollback().await {
         // The connection is discarded; nothing was committed.
         tracing::debug!(%error, "rollback failed");
@@ -136,22 +137,21 @@ pub(super) async fn rollback(tx: Transaction<'static, Postgres>) {
 /// deadlock. `None` when the database itself failed (connection lost,
 /// shutdown, out of resources): that is the inbox's error, and nothing of
 /// the message is at fault.
-pub(super) fn refused_by_the_database(error: &InboxError) -> Option<String> {
+pub(super) fn refused_by_the_database<DB: InboxBackend>(error: &InboxError) -> Option<String> {
     let InboxError::Database(sqlx::Error::Database(database)) = error else {
         return None;
     };
-    let code = database.code()?;
     // The server answered: the transaction's content is at fault unless the
-    // answer is about the server or the connection (connection exceptions,
-    // insufficient resources, shutdown, statement timeout, system errors,
-    // a read-only server after a failover).
-    let infrastructure = matches!(&code[..2], "08" | "53" | "58")
-        || matches!(&*code, "57P01" | "57P02" | "57P03" | "57014" | "25006");
-    (!infrastructure).then(|| {
-        format!(
-            "the handler returned Ok but its transaction could not be committed: \
-             {} (SQLSTATE {code})",
-            database.message()
-        )
-    })
+    // answer is about the server or the connection.
+    if DB::is_infrastructure(&**database) {
+        return None;
+    }
+    let code = database
+        .code()
+        .map(|code| format!(" (code {code})"))
+        .unwrap_or_default();
+    Some(format!(
+        "the handler returned Ok but its transaction could not be committed: {}{code}",
+        database.message()
+    ))
 }

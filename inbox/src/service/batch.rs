@@ -4,13 +4,14 @@ use super::*;
 
 /// A batch: one transaction while every handler succeeds; after a failure,
 /// the batch is redone one message per transaction.
-pub(super) async fn process_batch<S>(
-    shared: &Shared,
+pub(super) async fn process_batch<S, DB>(
+    shared: &Shared<DB>,
     inner: &mut S,
     batch: Vec<Received>,
 ) -> Result<BatchOutcome, InboxError>
 where
-    S: Service<Delivery>,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>>,
     S::Error: Into<BoxError>,
 {
     let messages: Vec<Arc<Received>> = batch.into_iter().map(Arc::new).collect();
@@ -38,14 +39,15 @@ where
 /// first handler that failed, or `None` when every handler succeeded but
 /// the database refused their transaction (no message is known to be at
 /// fault).
-pub(super) async fn whole_batch<S>(
-    shared: &Shared,
+pub(super) async fn whole_batch<S, DB>(
+    shared: &Shared<DB>,
     inner: &mut S,
     messages: &[Arc<Received>],
     ids: &[Result<Uuid, String>],
 ) -> Result<Result<BatchOutcome, Option<(usize, Failure)>>, InboxError>
 where
-    S: Service<Delivery>,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>>,
     S::Error: Into<BoxError>,
 {
     if messages.is_empty() {
@@ -128,7 +130,7 @@ where
             Ok(Ok(outcome))
         }
         Err(error) => {
-            let Some(reason) = refused_by_the_database(&error) else {
+            let Some(reason) = refused_by_the_database::<DB>(&error) else {
                 return Err(error);
             };
             shared.count(Counted::FailedAttempt, 1);
@@ -143,9 +145,9 @@ where
 
 /// Dead-letters the batch's messages without id, records the next offset
 /// of each partition and commits.
-pub(super) async fn settle_batch(
-    shared: &Shared,
-    mut tx: Transaction<'static, Postgres>,
+pub(super) async fn settle_batch<DB: InboxBackend>(
+    shared: &Shared<DB>,
+    mut tx: Transaction<'static, DB>,
     messages: &[Arc<Received>],
     without_id: Vec<(&Arc<Received>, &String)>,
 ) -> Result<(), InboxError> {
@@ -167,7 +169,7 @@ pub(super) async fn settle_batch(
     Ok(())
 }
 
-pub(super) fn count(shared: &Shared, outcome: &BatchOutcome) {
+pub(super) fn count<DB: InboxBackend>(shared: &Shared<DB>, outcome: &BatchOutcome) {
     shared.count(Counted::Handled, outcome.handled);
     shared.count(Counted::Duplicate, outcome.duplicates);
     shared.count(Counted::DeadLettered, outcome.dead_lettered);

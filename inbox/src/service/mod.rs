@@ -11,6 +11,8 @@ use consign_outbox::headers;
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use sqlx::{Postgres, Transaction};
+
+use crate::store::InboxBackend;
 use tower::{Service, ServiceExt};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -99,12 +101,12 @@ impl BatchOutcome {
 /// itself (connection lost) are [`InboxError`]s: nothing was committed and
 /// the message can be offered again.
 #[derive(Debug)]
-pub struct InboxService<S> {
-    shared: Arc<Shared>,
+pub struct InboxService<S, DB: InboxBackend = Postgres> {
+    shared: Arc<Shared<DB>>,
     inner: S,
 }
 
-impl<S: Clone> Clone for InboxService<S> {
+impl<S: Clone, DB: InboxBackend> Clone for InboxService<S, DB> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -113,8 +115,8 @@ impl<S: Clone> Clone for InboxService<S> {
     }
 }
 
-impl<S> InboxService<S> {
-    pub(crate) fn new(shared: Arc<Shared>, inner: S) -> Self {
+impl<S, DB: InboxBackend> InboxService<S, DB> {
+    pub(crate) fn new(shared: Arc<Shared<DB>>, inner: S) -> Self {
         Self { shared, inner }
     }
 
@@ -151,9 +153,10 @@ impl<S> InboxService<S> {
 }
 
 /// Readiness of the handler service, as an [`InboxError`].
-fn poll_inner<S>(inner: &mut S, cx: &mut Context<'_>) -> Poll<Result<(), InboxError>>
+fn poll_inner<S, DB>(inner: &mut S, cx: &mut Context<'_>) -> Poll<Result<(), InboxError>>
 where
-    S: Service<Delivery>,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>>,
     S::Error: Into<BoxError>,
 {
     inner
@@ -161,9 +164,10 @@ where
         .map_err(|error| InboxError::Service(error.into()))
 }
 
-impl<S> Service<Received> for InboxService<S>
+impl<S, DB> Service<Received> for InboxService<S, DB>
 where
-    S: Service<Delivery> + Clone + Send + 'static,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
 {
@@ -174,7 +178,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Readiness is also awaited before each further call of the handler
         // (retries, the messages of a batch).
-        poll_inner(&mut self.inner, cx)
+        poll_inner::<S, DB>(&mut self.inner, cx)
     }
 
     fn call(&mut self, message: Received) -> Self::Future {
@@ -189,9 +193,10 @@ where
     }
 }
 
-impl<S> Service<Vec<Received>> for InboxService<S>
+impl<S, DB> Service<Vec<Received>> for InboxService<S, DB>
 where
-    S: Service<Delivery> + Clone + Send + 'static,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
 {
@@ -200,7 +205,7 @@ where
     type Future = BoxFuture<'static, Result<BatchOutcome, InboxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        poll_inner(&mut self.inner, cx)
+        poll_inner::<S, DB>(&mut self.inner, cx)
     }
 
     fn call(&mut self, batch: Vec<Received>) -> Self::Future {
@@ -211,13 +216,13 @@ where
 }
 
 /// Whether `message` is a dead letter requeued for another consumer.
-fn for_another_consumer(shared: &Shared, message: &Received) -> bool {
+fn for_another_consumer<DB: InboxBackend>(shared: &Shared<DB>, message: &Received) -> bool {
     message
         .header_str(headers::REQUEUED_FOR)
         .is_some_and(|consumer| consumer != shared.consumer)
 }
 
-fn resolve_id(shared: &Shared, message: &Received) -> Result<Uuid, String> {
+fn resolve_id<DB: InboxBackend>(shared: &Shared<DB>, message: &Received) -> Result<Uuid, String> {
     match (message.consign_id(), shared.missing_id) {
         (Ok(id), _) => Ok(id),
         (Err(_), MissingId::FromPosition) => Ok(message.position_id()),

@@ -4,15 +4,16 @@ use super::*;
 
 /// One message in transactions of its own: retried with backoff, then
 /// dead-lettered. Returns the outcome and the failed attempts it took.
-pub(super) async fn process_one<S>(
-    shared: &Shared,
+pub(super) async fn process_one<S, DB>(
+    shared: &Shared<DB>,
     inner: &mut S,
     message: &Arc<Received>,
     id: &Result<Uuid, String>,
     prior: Option<Failure>,
 ) -> Result<(Outcome, u64), InboxError>
 where
-    S: Service<Delivery>,
+    DB: InboxBackend,
+    S: Service<Delivery<DB>>,
     S::Error: Into<BoxError>,
 {
     let mut delays = shared.retry.delays();
@@ -54,7 +55,7 @@ where
                     shared.count(Counted::Handled, 1);
                     return Ok((Outcome::Handled, failed));
                 }
-                Err(error) => match refused_by_the_database(&error) {
+                Err(error) => match refused_by_the_database::<DB>(&error) {
                     Some(reason) => (reason, false),
                     None => return Err(error),
                 },
@@ -84,9 +85,9 @@ where
 }
 
 /// Records the message's offset and commits.
-pub(super) async fn finish(
-    shared: &Shared,
-    mut tx: Transaction<'static, Postgres>,
+pub(super) async fn finish<DB: InboxBackend>(
+    shared: &Shared<DB>,
+    mut tx: Transaction<'static, DB>,
     message: &Received,
 ) -> Result<(), InboxError> {
     tx.record_offset(
@@ -102,8 +103,8 @@ pub(super) async fn finish(
 
 /// Dead-letters a message whose attempts are used up (or that can never
 /// succeed): its id is recorded as handled so redeliveries skip it.
-pub(super) async fn give_up(
-    shared: &Shared,
+pub(super) async fn give_up<DB: InboxBackend>(
+    shared: &Shared<DB>,
     message: &Received,
     id: &Result<Uuid, String>,
     failure: &Failure,

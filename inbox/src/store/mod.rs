@@ -1,9 +1,9 @@
 //! The inbox's storage seam. Each backend is one module holding all of its
-//! SQL (today [`postgres`]); [`InboxStore`] is everything the service, the
-//! consumer, dead letters and retention ask of a connection. A second
-//! database is a second module implementing it, plus that backend's
-//! connection in [`Delivery`](crate::Delivery) (see the MySQL/SQLite notes
-//! in DEVELOPERS.md).
+//! SQL ([`postgres`], `mysql`, `sqlite`); [`InboxStore`] is everything the
+//! service, the consumer, dead letters and retention ask of a connection,
+//! and [`InboxBackend`] names the databases the inbox runs on: the type
+//! parameter of [`Delivery`](crate::Delivery), [`InboxLayer`](crate::InboxLayer)
+//! and [`InboxService`](crate::InboxService), PostgreSQL by default.
 //!
 //! What every backend must give: the dedup record, the stored offset and
 //! the handler's writes commit in one transaction (the caller's); offsets
@@ -20,11 +20,78 @@ use crate::{
     dead_letters::{DeadLetter, DeadLetterCount, Selection},
 };
 
+#[cfg(feature = "mysql")]
+mod mysql;
 mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+/// A database the inbox runs on: [`sqlx::Postgres`], and with the crate
+/// features `mysql` and `sqlite`, `sqlx::MySql` (MySQL 8, MariaDB 10.6+)
+/// and `sqlx::Sqlite`. It is the type parameter of
+/// [`Delivery`](crate::Delivery), [`InboxLayer`](crate::InboxLayer) and
+/// [`InboxService`](crate::InboxService), which default to PostgreSQL and
+/// take it from the pool given to [`InboxLayer::new`](crate::InboxLayer::new).
+/// Sealed: other databases come as modules of this crate.
+pub trait InboxBackend:
+    sqlx::Database<Connection: InboxStore + consign_outbox::OutboxConnection> + sealed::Sealed
+{
+    /// Whether a database error is about the server or the connection
+    /// (lost connection, shutdown, out of resources, timeouts), not about
+    /// what a transaction did: then nothing of the message is at fault.
+    #[doc(hidden)]
+    fn is_infrastructure(error: &dyn sqlx::error::DatabaseError) -> bool;
+
+    /// Whether the database refused a statement only because an earlier
+    /// statement of the transaction had failed (PostgreSQL's 25P02; the
+    /// other databases go on after a failed statement).
+    #[doc(hidden)]
+    fn is_after_earlier_error(error: &dyn sqlx::error::DatabaseError) -> bool;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "mysql")]
+    impl Sealed for sqlx::MySql {}
+    #[cfg(feature = "sqlite")]
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// A listed letter's columns.
+pub(crate) type Listed = (
+    i64,
+    String,
+    Option<Uuid>,
+    String,
+    i32,
+    i64,
+    Option<Vec<u8>>,
+    String,
+    i32,
+    DateTime<Utc>,
+);
+
+pub(crate) fn listed(
+    (id, consumer, message_id, topic, partition, offset, key, error, attempts, failed_at): Listed,
+) -> DeadLetter {
+    DeadLetter {
+        id,
+        consumer,
+        message_id,
+        topic,
+        partition,
+        offset,
+        key: key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+        error,
+        attempts,
+        failed_at,
+    }
+}
 
 /// A dead letter as requeue reads it.
 #[derive(Debug, sqlx::FromRow)]
-pub(crate) struct StoredLetter {
+pub struct StoredLetter {
     pub(crate) id: i64,
     pub(crate) failed_at: DateTime<Utc>,
     pub(crate) consumer: String,
@@ -36,10 +103,11 @@ pub(crate) struct StoredLetter {
 }
 
 /// What the inbox needs from a database connection. Implemented for
-/// [`sqlx::PgConnection`]; each method is one statement (or one
-/// transaction's worth of them on the caller's transaction) and returns the
-/// database's error untouched.
-pub(crate) trait InboxStore: Send {
+/// [`sqlx::PgConnection`], `MySqlConnection` and `SqliteConnection`; each
+/// method is one statement (or one transaction's worth of them on the
+/// caller's transaction) and returns the database's error untouched.
+/// Public only to bound [`InboxBackend`]; not reachable from outside.
+pub trait InboxStore: Send {
     /// Records `ids` as handled by `consumer`; returns those that were new.
     fn record_ids(
         &mut self,

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::{InboxStore, StoredLetter};
+use super::{InboxBackend, InboxStore, StoredLetter};
 use crate::{
     Received,
     dead_letters::{DeadLetter, DeadLetterCount, Selection, stored},
@@ -41,34 +41,19 @@ fn push_where(selection: &Selection, query: &mut QueryBuilder<Postgres>) {
     }
 }
 
-/// A listed letter's columns.
-type Listed = (
-    i64,
-    String,
-    Option<Uuid>,
-    String,
-    i32,
-    i64,
-    Option<Vec<u8>>,
-    String,
-    i32,
-    DateTime<Utc>,
-);
+impl InboxBackend for Postgres {
+    fn is_infrastructure(error: &dyn sqlx::error::DatabaseError) -> bool {
+        // Connection exceptions, insufficient resources, system errors,
+        // shutdown, statement timeout, a read-only server after a failover.
+        // No SQLSTATE: not the server's answer to the transaction.
+        error.code().is_none_or(|code| {
+            matches!(&code[..2], "08" | "53" | "58")
+                || matches!(&*code, "57P01" | "57P02" | "57P03" | "57014" | "25006")
+        })
+    }
 
-fn listed(
-    (id, consumer, message_id, topic, partition, offset, key, error, attempts, failed_at): Listed,
-) -> DeadLetter {
-    DeadLetter {
-        id,
-        consumer,
-        message_id,
-        topic,
-        partition,
-        offset,
-        key: key.map(|k| String::from_utf8_lossy(&k).into_owned()),
-        error,
-        attempts,
-        failed_at,
+    fn is_after_earlier_error(error: &dyn sqlx::error::DatabaseError) -> bool {
+        error.code().as_deref() == Some("25P02")
     }
 }
 
@@ -166,8 +151,8 @@ impl InboxStore for PgConnection {
         query
             .push(" ORDER BY failed_at, id LIMIT ")
             .push_bind(limit);
-        let rows: Vec<Listed> = query.build_query_as().fetch_all(self).await?;
-        Ok(rows.into_iter().map(listed).collect())
+        let rows: Vec<super::Listed> = query.build_query_as().fetch_all(self).await?;
+        Ok(rows.into_iter().map(super::listed).collect())
     }
 
     async fn count_dead_letters(&mut self) -> sqlx::Result<Vec<DeadLetterCount>> {
