@@ -68,7 +68,7 @@ fn every_bad_field_gives_an_error_naming_it() {
         ("", "profile = 3", "profile", "must be a string"),
         ("", "unknown = 1", "unknown", "unknown field"),
         ("database", r#"url = """#, "database.url", "required"),
-        ("database", r#"url = "mysql://x/y""#, "database.url", "postgres://"),
+        ("database", r#"url = "oracle://x/y""#, "database.url", "postgres://"),
         ("database", r#"url = "postgres://h:notaport/db""#, "database.url", "not a valid"),
         ("database", "max-connections = 0", "database.max-connections", "between 1 and 100"),
         ("database", "max-connections = -1", "database.max-connections", "invalid value"),
