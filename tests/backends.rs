@@ -599,3 +599,152 @@ guarantee! {
         assert_eq!(tally.out_of_order_keys, 0, "per-key order of effects");
     }
 }
+
+guarantee! {
+    /// The server closes every connection of the inbox consumer process
+    /// three times mid-stream (MariaDB `KILL`, PostgreSQL
+    /// `pg_terminate_backend`): it reconnects, and every effect applies
+    /// exactly once, in key order.
+    [postgres, mysql]
+    async fn database_connections_killed_inbox_ends_exact(db: &TestDb) {
+        db.create_effects_table().await.unwrap();
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("inbox-dbkill");
+        kafka.create_topic(&topic, 3).unwrap();
+        let messages = TestMessage::stream(40, 50); // 2,000 messages
+        produce(kafka.bootstrap(), &topic, &messages).await.unwrap();
+        let total = i64::try_from(messages.len()).unwrap();
+        let env = [
+            ("DATABASE_URL", db.url()),
+            ("TEST_BOOTSTRAP", kafka.bootstrap()),
+            ("TEST_TOPIC", topic.as_str()),
+            ("TEST_GROUP", "dbkill-test"),
+            ("TEST_MAX_BATCH", "8"),
+        ];
+        let mut consumer = consign_test_support::ChildProcess::start_consumer(&env).unwrap();
+        let mut closed = 0;
+        for round in 1..=3 {
+            let target = total * round / 4;
+            consign_test_support::eventually("progress", WAIT, || async {
+                Ok((db.tally().await?.distinct >= target).then_some(()))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", consumer.output()));
+            let n = db.kill_other_connections().await.unwrap();
+            println!("closed {n} connections at {} effects", db.tally().await.unwrap().distinct);
+            closed += n;
+        }
+        assert!(closed >= 3, "only {closed} connections closed");
+        consign_test_support::eventually("every effect", WAIT, || async {
+            Ok((db.tally().await?.distinct >= total).then_some(()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", consumer.output()));
+        let status = consumer.terminate(Duration::from_secs(30)).await.unwrap();
+        assert!(status.success(), "{}", consumer.output());
+        let tally = db.tally().await.unwrap();
+        assert_eq!(tally.effects, total, "an effect was applied twice");
+        assert_eq!(tally.out_of_order_keys, 0, "per-key order of effects");
+    }
+}
+
+/// MySQL ends a transaction by itself on a deadlock, and later statements
+/// run in autocommit. A handler that swallows that error and returns `Ok`
+/// (here: the transaction ended with `ROLLBACK` under it, as the server
+/// does) must not let the batch's offsets commit past messages whose
+/// effects were rolled back: the inbox notices and redoes the batch one
+/// message at a time. Every effect once, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_transaction_ended_under_a_handler_loses_nothing() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use consign::inbox::{BoxError, Delivery, InboxLayer};
+    use consign_test_support::{
+        backends::AnyPool,
+        effects::{Running, Step},
+    };
+
+    let db = TestDb::new(Backend::MySql).await.unwrap();
+    db.create_effects_table().await.unwrap();
+    let AnyPool::MySql(pool) = &db.pool else {
+        unreachable!()
+    };
+    let kafka = MockKafka::start(1).unwrap();
+    let topic = unique_topic("ended");
+    kafka.create_topic(&topic, 1).unwrap();
+    let messages = TestMessage::stream(4, 5);
+    produce(kafka.bootstrap(), &topic, &messages).await.unwrap();
+
+    let ended = Arc::new(AtomicBool::new(false));
+    let handler = move |mut delivery: Delivery<sqlx::MySql>| {
+        let ended = Arc::clone(&ended);
+        async move {
+            let step: Step = delivery.json()?;
+            if step.key == 1 && step.n == 2 && !ended.swap(true, Ordering::SeqCst) {
+                // What a deadlock does to the transaction; the handler
+                // swallows the error.
+                sqlx::raw_sql("ROLLBACK").execute(delivery.conn()).await?;
+                return Ok::<_, BoxError>(());
+            }
+            sqlx::query("INSERT INTO test_effects (message_id, `key`, n) VALUES (?, ?, ?)")
+                .bind(delivery.id())
+                .bind(i32::try_from(step.key)?)
+                .bind(i32::try_from(step.n)?)
+                .execute(delivery.conn())
+                .await?;
+            Ok(())
+        }
+    };
+    let inbox = InboxLayer::new(pool.clone(), "ended-test").unwrap();
+    let service = tower::ServiceBuilder::new()
+        .layer(inbox.clone())
+        .service_fn(handler);
+    let running = Running::start(&inbox, service, kafka.bootstrap(), &topic);
+    let settled =
+        consign_test_support::eventually("every effect", Duration::from_secs(30), || async {
+            Ok((db.tally().await?.distinct == 20).then_some(()))
+        })
+        .await;
+    running.stop().await;
+    let tally = db.tally().await.unwrap();
+    println!("{tally:?}, {:?}", inbox.stats());
+    settled.unwrap();
+    assert_eq!(tally.effects, 20);
+    assert_eq!(tally.out_of_order_keys, 0);
+    db.drop().await.unwrap();
+}
+
+guarantee! {
+    /// A batch of 70,000 rows (above MySQL's 65,535 and SQLite's 32,766
+    /// bound values per statement) is settled: the relay deletes it in
+    /// chunks instead of failing every round and sending it again.
+    [postgres, mysql, sqlite]
+    async fn a_batch_over_the_bind_limit_settles(db: &TestDb) {
+        const ROWS: usize = 70_000;
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("big-batch");
+        kafka.create_topic(&topic, 1).unwrap();
+        for start in (0..ROWS).step_by(10_000) {
+            let msgs: Vec<Message> = (start..start + 10_000)
+                .map(|i| Message::new(&topic, "Tiny", b"x".to_vec()).with_key(format!("k{}", i % 10)))
+                .collect();
+            db.enqueue(&msgs).await.unwrap();
+        }
+        let mut settings = fast_relay_settings();
+        settings.batch_size = u32::try_from(ROWS).unwrap();
+        let relay = Relay::builder(db.relay_pool())
+            .kafka("bootstrap.servers", kafka.bootstrap())
+            .settings(settings)
+            .build()
+            .unwrap()
+            .spawn();
+        db.wait_drained(WAIT).await.unwrap();
+        let stats = relay.stats();
+        relay.shutdown().await.unwrap();
+        println!("{stats:?}");
+        assert!(stats.batches <= 3, "{stats:?}");
+    }
+}

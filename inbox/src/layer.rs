@@ -332,6 +332,16 @@ impl<DB: InboxBackend> InboxLayerBuilder<DB> {
                 "the inbox consumer name must not be empty".into(),
             ));
         }
+        // The dedup scope and the Kafka group: stored in a 255-character
+        // column, and MySQL's collation ignores trailing spaces, so
+        // "orders " and "orders" would share records there.
+        if self.consumer.chars().count() > 255 || self.consumer.trim() != self.consumer {
+            return Err(Error::Config(format!(
+                "the inbox consumer name {:?} must be at most 255 characters, \
+                 without leading or trailing whitespace",
+                self.consumer
+            )));
+        }
         if self.retry.max_attempts == 0 {
             return Err(Error::Config(
                 "RetryPolicy::max_attempts must be at least 1".into(),
@@ -353,5 +363,38 @@ impl<DB: InboxBackend> InboxLayerBuilder<DB> {
                 counters: Counters::default(),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(consumer: &str, retry: RetryPolicy) -> Result<InboxLayer, Error> {
+        let pool = sqlx::PgPool::connect_lazy("postgres://unused@127.0.0.1:1/none").unwrap();
+        InboxLayer::builder(pool, consumer).retry(retry).build()
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused_naming_the_problem() {
+        let long = "c".repeat(256);
+        for (consumer, retry, expected) in [
+            ("", RetryPolicy::default(), "must not be empty"),
+            (
+                long.as_str(),
+                RetryPolicy::default(),
+                "at most 255 characters",
+            ),
+            ("orders ", RetryPolicy::default(), "trailing whitespace"),
+            (
+                "orders",
+                RetryPolicy::attempts(0),
+                "max_attempts must be at least 1",
+            ),
+        ] {
+            let error = build(consumer, retry).unwrap_err().to_string();
+            assert!(error.contains(expected), "{consumer:?}: {error}");
+        }
+        build(&"c".repeat(255), RetryPolicy::default()).unwrap();
     }
 }

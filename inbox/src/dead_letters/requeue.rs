@@ -79,7 +79,7 @@ pub async fn requeue<DB: InboxBackend>(
     outbox: &Outbox,
     selection: &Selection,
 ) -> consign_outbox::Result<Requeued> {
-    let mut tx = pool.begin().await?;
+    let mut tx = DB::begin_write(pool).await?;
     let mut done = Requeued::default();
     // A page at a time, so `--all` over many large letters holds at most
     // REQUEUE_PAGE of them in memory.

@@ -69,7 +69,22 @@ where
         });
     };
     Ok(match result {
-        Ok(None) => Attempt::Succeeded(returned.tx),
+        Ok(None) => {
+            let mut tx = returned.tx;
+            if tx.still_open().await? {
+                Attempt::Succeeded(tx)
+            } else {
+                Attempt::Failed {
+                    tx: Some(tx),
+                    reason: "the database rolled the transaction back while the handler ran \
+                             (a deadlock the handler did not return): its writes and the \
+                             inbox's records are gone"
+                        .into(),
+                    poison: false,
+                    after_earlier_error: true,
+                }
+            }
+        }
         Ok(Some(error)) => {
             let poison =
                 returned.poison.is_some() || error.is::<DecodeError>() || error.is::<Rejected>();

@@ -47,6 +47,16 @@ pub trait InboxBackend:
     /// other databases go on after a failed statement).
     #[doc(hidden)]
     fn is_after_earlier_error(error: &dyn sqlx::error::DatabaseError) -> bool;
+
+    /// Begins a transaction that will write after reading (requeue):
+    /// SQLite takes its write lock at once, so that the first write cannot
+    /// fail on a snapshot another writer made stale.
+    #[doc(hidden)]
+    fn begin_write(
+        pool: &sqlx::Pool<Self>,
+    ) -> impl Future<Output = sqlx::Result<sqlx::Transaction<'static, Self>>> + Send {
+        pool.begin()
+    }
 }
 
 mod sealed {
@@ -114,6 +124,15 @@ pub trait InboxStore: Send {
         consumer: &str,
         ids: &[Uuid],
     ) -> impl Future<Output = sqlx::Result<HashSet<Uuid>>> + Send;
+
+    /// Whether the transaction that [`record_ids`](Self::record_ids) began
+    /// is still open. MySQL ends a transaction by itself on a deadlock
+    /// (later statements then run in autocommit), so after each handler the
+    /// inbox asks before going on; the other databases keep a failed
+    /// transaction open (PostgreSQL refuses its later statements).
+    fn still_open(&mut self) -> impl Future<Output = sqlx::Result<bool>> + Send {
+        async { Ok(true) }
+    }
 
     /// Moves a partition's stored position forward (never back: a late
     /// commit of a consumer that lost the partition cannot rewind the new

@@ -66,47 +66,77 @@ impl InboxBackend for MySql {
         )
     }
 
-    fn is_after_earlier_error(_error: &dyn sqlx::error::DatabaseError) -> bool {
-        // MySQL goes on after a failed statement.
-        false
+    fn is_after_earlier_error(error: &dyn sqlx::error::DatabaseError) -> bool {
+        // MySQL goes on after a failed statement, except after a deadlock,
+        // which rolls the whole transaction back.
+        error
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|e| e.number() == 1213)
     }
 }
 
 impl InboxStore for MySqlConnection {
     async fn record_ids(&mut self, consumer: &str, ids: &[Uuid]) -> sqlx::Result<HashSet<Uuid>> {
-        if ids.is_empty() {
-            return Ok(HashSet::new());
-        }
-        sqlx::query("SAVEPOINT consign_record_ids")
-            .execute(&mut *self)
-            .await?;
-        let mut insert =
-            QueryBuilder::<MySql>::new("INSERT IGNORE INTO consign_inbox (consumer, message_id) ");
-        insert.push_values(ids, |mut row, id| {
-            row.push_bind(consumer.to_owned()).push_bind(*id);
-        });
-        let inserted = insert.build().execute(&mut *self).await?.rows_affected();
-        if inserted == u64::try_from(ids.len()).unwrap_or(u64::MAX) {
-            return Ok(ids.iter().copied().collect());
-        }
-        // Some were recorded before: which ones, one insert each.
-        sqlx::query("ROLLBACK TO SAVEPOINT consign_record_ids")
+        // The savepoint also marks the transaction for `still_open`. Sent
+        // as text: MySQL 8 refuses savepoint statements as prepared ones.
+        sqlx::raw_sql("SAVEPOINT consign_open")
             .execute(&mut *self)
             .await?;
         let mut new = HashSet::new();
-        for id in ids {
-            let done = sqlx::query(
-                "INSERT IGNORE INTO consign_inbox (consumer, message_id) VALUES (?, ?)",
-            )
-            .bind(consumer)
-            .bind(id)
-            .execute(&mut *self)
-            .await?;
-            if done.rows_affected() == 1 {
-                new.insert(*id);
+        // 2 bound values per id; MySQL allows 65,535 per statement.
+        for chunk in ids.chunks(5_000) {
+            sqlx::raw_sql("SAVEPOINT consign_record_ids")
+                .execute(&mut *self)
+                .await?;
+            let mut insert = QueryBuilder::<MySql>::new(
+                "INSERT IGNORE INTO consign_inbox (consumer, message_id) ",
+            );
+            insert.push_values(chunk, |mut row, id| {
+                row.push_bind(consumer.to_owned()).push_bind(*id);
+            });
+            let inserted = insert.build().execute(&mut *self).await?.rows_affected();
+            if inserted == u64::try_from(chunk.len()).unwrap_or(u64::MAX) {
+                new.extend(chunk.iter().copied());
+                continue;
+            }
+            // Some were recorded before: which ones, one insert each.
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT consign_record_ids")
+                .execute(&mut *self)
+                .await?;
+            for id in chunk {
+                let done = sqlx::query(
+                    "INSERT IGNORE INTO consign_inbox (consumer, message_id) VALUES (?, ?)",
+                )
+                .bind(consumer)
+                .bind(id)
+                .execute(&mut *self)
+                .await?;
+                if done.rows_affected() == 1 {
+                    new.insert(*id);
+                }
             }
         }
         Ok(new)
+    }
+
+    async fn still_open(&mut self) -> sqlx::Result<bool> {
+        // A deadlock (or a lock wait timeout with
+        // innodb_rollback_on_timeout) rolls the whole transaction back and
+        // later statements run in autocommit: the savepoint is gone then.
+        match sqlx::raw_sql("RELEASE SAVEPOINT consign_open; SAVEPOINT consign_open")
+            .execute(&mut *self)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(error))
+                if error
+                    .try_downcast_ref::<MySqlDatabaseError>()
+                    .is_some_and(|e| e.number() == 1305) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn record_offset(

@@ -68,13 +68,20 @@ impl InboxBackend for Sqlite {
         // SQLite goes on after a failed statement.
         false
     }
+
+    async fn begin_write(
+        pool: &sqlx::Pool<Self>,
+    ) -> sqlx::Result<sqlx::Transaction<'static, Self>> {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
 }
 
 impl InboxStore for SqliteConnection {
     async fn record_ids(&mut self, consumer: &str, ids: &[Uuid]) -> sqlx::Result<HashSet<Uuid>> {
-        if ids.is_empty() {
-            return Ok(HashSet::new());
-        }
+        // Marks the transaction for `still_open`.
+        sqlx::raw_sql("SAVEPOINT consign_open")
+            .execute(&mut *self)
+            .await?;
         let mut new = HashSet::new();
         // At most 32766 bound values per statement (SQLite 3.32+).
         for chunk in ids.chunks(10_000) {
@@ -88,6 +95,21 @@ impl InboxStore for SqliteConnection {
             new.extend(inserted);
         }
         Ok(new)
+    }
+
+    async fn still_open(&mut self) -> sqlx::Result<bool> {
+        // SQLite rolls a transaction back by itself on some errors (disk
+        // full, I/O error, out of memory); the savepoint is gone then.
+        match sqlx::raw_sql("RELEASE SAVEPOINT consign_open; SAVEPOINT consign_open")
+            .execute(&mut *self)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(error)) if error.message().contains("no such savepoint") => {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn record_offset(
@@ -198,8 +220,8 @@ impl InboxStore for SqliteConnection {
         after: Option<(DateTime<Utc>, i64)>,
         limit: i64,
     ) -> sqlx::Result<Vec<StoredLetter>> {
-        // No row locks in SQLite: the requeue's transaction writes, which
-        // takes the database's one write lock until it commits.
+        // No row locks in SQLite: the requeue's transaction began with
+        // BEGIN IMMEDIATE, the database's one write lock until it commits.
         let mut query = QueryBuilder::new(
             "SELECT id, failed_at, consumer, message_id, topic, \"key\", headers, payload
              FROM consign_dead_letters",

@@ -36,9 +36,14 @@ where
     list.push_unseparated(")");
 }
 
-/// Begins a `READ COMMITTED` transaction.
+/// Values per bound list: MySQL allows 65,535 placeholders per statement,
+/// and a batch may hold up to 100,000 rows.
+const LIST_CHUNK: usize = 5_000;
+
+/// Begins a `READ COMMITTED` transaction. Sent as text: MySQL 8 refuses
+/// some transaction statements as prepared statements.
 async fn begin(conn: &mut MySqlConnection) -> sqlx::Result<sqlx::Transaction<'_, MySql>> {
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         .execute(&mut *conn)
         .await?;
     conn.begin().await
@@ -125,10 +130,10 @@ WHERE upto <= ",
         let mut tx = begin(self).await?;
         let held = fence_lock(&mut tx, fence).await?;
         let mut deleted = 0;
-        if !held.is_empty() && !delivered.is_empty() {
+        for seqs in delivered.chunks(LIST_CHUNK).filter(|_| !held.is_empty()) {
             let rows = |statement: &str| {
                 let mut query = QueryBuilder::<MySql>::new(statement);
-                push_list(&mut query, delivered.iter().copied());
+                push_list(&mut query, seqs.iter().copied());
                 query.push(" AND `partition` IN ");
                 push_list(&mut query, held.iter().copied());
                 query
@@ -146,7 +151,7 @@ FROM consign_outbox WHERE seq IN ",
                 .execute(&mut *tx)
                 .await?;
             }
-            deleted = rows("DELETE FROM consign_outbox WHERE seq IN ")
+            deleted += rows("DELETE FROM consign_outbox WHERE seq IN ")
                 .build()
                 .execute(&mut *tx)
                 .await?
@@ -193,11 +198,21 @@ FROM consign_outbox WHERE seq IN ",
         .bind(ttl_us)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM consign_relays WHERE expires_at < {NOW}"
+        // Expired members found by a plain read, then deleted by primary
+        // key: a DELETE by `expires_at` would scan and lock every member's
+        // row, and two relays renewing at once would deadlock.
+        let expired: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT instance FROM consign_relays WHERE expires_at < {NOW}"
         )))
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        if !expired.is_empty() {
+            let mut delete =
+                QueryBuilder::<MySql>::new("DELETE FROM consign_relays WHERE instance IN ");
+            push_list(&mut delete, expired);
+            delete.push(format!(" AND expires_at < {NOW}"));
+            delete.build().execute(&mut *tx).await?;
+        }
         let members: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT instance FROM consign_relays WHERE expires_at > {NOW} ORDER BY instance"
         )))

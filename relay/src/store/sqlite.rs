@@ -23,6 +23,10 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// The time `ms` milliseconds from now (`?` bound to [`offset`]).
 const NOW_PLUS: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)";
 
+/// Values per bound list: SQLite allows 32,766 bound values per statement,
+/// and a batch may hold up to 100,000 rows.
+const LIST_CHUNK: usize = 5_000;
+
 /// Rows deleted per statement by the archive's retention.
 const DELETE_CHUNK: u64 = 10_000;
 
@@ -133,10 +137,10 @@ WHERE upto <= ",
         let mut tx = begin(self).await?;
         let held = fence_lock(&mut tx, fence).await?;
         let mut deleted = 0;
-        if !held.is_empty() && !delivered.is_empty() {
+        for seqs in delivered.chunks(LIST_CHUNK).filter(|_| !held.is_empty()) {
             let rows = |statement: &str| {
                 let mut query = QueryBuilder::<Sqlite>::new(statement);
-                push_list(&mut query, delivered.iter().copied());
+                push_list(&mut query, seqs.iter().copied());
                 query.push(" AND \"partition\" IN ");
                 push_list(&mut query, held.iter().copied());
                 query
@@ -154,7 +158,7 @@ FROM consign_outbox WHERE seq IN ",
                 .execute(&mut *tx)
                 .await?;
             }
-            deleted = rows("DELETE FROM consign_outbox WHERE seq IN ")
+            deleted += rows("DELETE FROM consign_outbox WHERE seq IN ")
                 .build()
                 .execute(&mut *tx)
                 .await?
