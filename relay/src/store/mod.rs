@@ -36,6 +36,22 @@ mod sqlite;
 pub(crate) use pool::Conn;
 pub use pool::DatabasePool;
 
+/// Appends `(v1, v2, …)` with each value bound (the backends without
+/// arrays).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+fn push_list<DB, T>(query: &mut sqlx::QueryBuilder<DB>, values: impl IntoIterator<Item = T>)
+where
+    DB: sqlx::Database,
+    T: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB> + Send + 'static,
+{
+    query.push("(");
+    let mut list = query.separated(", ");
+    for value in values {
+        list.push_bind(value);
+    }
+    list.push_unseparated(")");
+}
+
 /// One outbox row as the relay reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct OutboxRow {

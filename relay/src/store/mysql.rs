@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
-use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal};
+use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal, push_list};
 use crate::{
     lease::{Lease, Member},
     status::{Backlog, FailedRow},
@@ -22,19 +22,6 @@ const NOW: &str = "UTC_TIMESTAMP(6)";
 
 /// Rows deleted per statement by the archive's retention.
 const DELETE_CHUNK: u64 = 10_000;
-
-/// Appends `(v1, v2, …)` with each value bound.
-fn push_list<T>(query: &mut QueryBuilder<MySql>, values: impl IntoIterator<Item = T>)
-where
-    T: for<'q> sqlx::Encode<'q, MySql> + sqlx::Type<MySql> + Send + 'static,
-{
-    query.push("(");
-    let mut list = query.separated(", ");
-    for value in values {
-        list.push_bind(value);
-    }
-    list.push_unseparated(")");
-}
 
 /// Values per bound list: MySQL allows 65,535 placeholders per statement,
 /// and a batch may hold up to 100,000 rows.

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal};
+use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal, push_list};
 use crate::{
     lease::{Lease, Member},
     status::{Backlog, FailedRow},
@@ -34,19 +34,6 @@ const DELETE_CHUNK: u64 = 10_000;
 #[allow(clippy::cast_precision_loss)] // milliseconds far below 2^52
 fn offset(ms: i64) -> String {
     format!("{:+.3} seconds", ms as f64 / 1000.0)
-}
-
-/// Appends `(v1, v2, …)` with each value bound.
-fn push_list<T>(query: &mut QueryBuilder<Sqlite>, values: impl IntoIterator<Item = T>)
-where
-    T: for<'q> sqlx::Encode<'q, Sqlite> + sqlx::Type<Sqlite> + Send + 'static,
-{
-    query.push("(");
-    let mut list = query.separated(", ");
-    for value in values {
-        list.push_bind(value);
-    }
-    list.push_unseparated(")");
 }
 
 /// Begins a transaction holding the database's write lock.
