@@ -748,3 +748,55 @@ guarantee! {
         assert!(stats.batches <= 3, "{stats:?}");
     }
 }
+
+guarantee! {
+    /// A row waiting for a retry holds back the later rows of its key and
+    /// topic only: a keyless row and another key of the same topic go on;
+    /// once due, the waiting row goes, then the row it held back.
+    [postgres, mysql, sqlite]
+    async fn a_waiting_row_holds_back_only_its_key(db: &TestDb) {
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("held");
+        kafka.create_topic(&topic, 1).unwrap();
+        let first = Message::new(&topic, "E", b"k-1".to_vec()).with_key("k");
+        let (first_id, topic_ref) = (first.id(), topic.as_str());
+        db.enqueue(&[first]).await.unwrap();
+        db.postpone(first_id, 3600).await.unwrap();
+        let second = Message::new(topic_ref, "E", b"k-2".to_vec()).with_key("k");
+        let keyless = Message::new(topic_ref, "E", b"none".to_vec());
+        let other = Message::new(topic_ref, "E", b"j-1".to_vec()).with_key("j");
+        let second_id = second.id();
+        db.enqueue(&[second, keyless, other]).await.unwrap();
+
+        let relay = Relay::builder(db.relay_pool())
+            .kafka("bootstrap.servers", kafka.bootstrap())
+            .settings(fast_relay_settings())
+            .build()
+            .unwrap()
+            .spawn();
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        reader.read_distinct(2, WAIT).await.unwrap();
+        // A few more rounds: the held rows must still be waiting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(db.outbox_len().await.unwrap(), 2, "only the key's two rows wait");
+        let payloads = |reader: &TopicReader| -> Vec<String> {
+            reader
+                .received()
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+                .collect()
+        };
+        let mut seen = payloads(&reader);
+        seen.sort();
+        assert_eq!(seen, ["j-1", "none"]);
+
+        db.postpone(first_id, -1).await.unwrap();
+        relay.wake();
+        reader.read_distinct(4, WAIT).await.unwrap();
+        db.wait_drained(WAIT).await.unwrap();
+        let order: Vec<String> = payloads(&reader).into_iter().filter(|p| p.starts_with("k-")).collect();
+        assert_eq!(order, ["k-1", "k-2"], "the key's rows in order");
+        assert!(reader.received().iter().any(|r| r.id() == Some(second_id)));
+        relay.shutdown().await.unwrap();
+    }
+}

@@ -358,6 +358,45 @@ impl TestDb {
         }
     }
 
+    /// Marks the outbox row of message `id` as waiting for a retry for
+    /// `seconds` (negative: due since), as the relay does after a refusal.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub async fn postpone(&self, id: uuid::Uuid, seconds: i64) -> Result<()> {
+        let done = match &self.pool {
+            AnyPool::Postgres(pool) => sqlx::query(
+                "UPDATE consign_outbox SET attempts = attempts + 1, last_error = 'postponed',
+                     next_attempt_at = now() + $2 * interval '1 second' WHERE id = $1",
+            )
+            .bind(id)
+            .bind(seconds)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            AnyPool::MySql(pool) => sqlx::query(
+                "UPDATE consign_outbox SET attempts = attempts + 1, last_error = 'postponed',
+                     next_attempt_at = UTC_TIMESTAMP(6) + INTERVAL ? SECOND WHERE id = ?",
+            )
+            .bind(seconds)
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            AnyPool::Sqlite(pool) => sqlx::query(
+                "UPDATE consign_outbox SET attempts = attempts + 1, last_error = 'postponed',
+                     next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) WHERE id = ?",
+            )
+            .bind(format!("{seconds:+} seconds"))
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        };
+        anyhow::ensure!(done == 1, "no outbox row for {id}");
+        Ok(())
+    }
+
     /// Creates `test_effects` (see [`crate::effects`]).
     ///
     /// # Errors

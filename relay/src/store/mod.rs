@@ -52,6 +52,26 @@ where
     list.push_unseparated(")");
 }
 
+/// The first rows of `rows` whose payload, key and headers add up to at
+/// most `max_bytes` (the first row always, however large): the byte cap of
+/// a batch, for the backends that read the rows before capping them.
+#[cfg(feature = "mysql")]
+fn cap_bytes(mut rows: Vec<OutboxRow>, max_bytes: i64) -> Vec<OutboxRow> {
+    let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    let mut total = 0_usize;
+    let keep = rows
+        .iter()
+        .position(|row| {
+            total += row.payload.len()
+                + row.key.as_ref().map_or(0, String::len)
+                + row.headers.to_string().len();
+            total > max
+        })
+        .map_or(rows.len(), |over| over.max(1));
+    rows.truncate(keep);
+    rows
+}
+
 /// One outbox row as the relay reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct OutboxRow {

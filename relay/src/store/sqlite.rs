@@ -74,11 +74,19 @@ impl RelayStore for SqliteConnection {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
-        // The same statement as PostgreSQL's FETCH (see store/postgres.rs).
+        // The same statement as PostgreSQL's FETCH (see store/postgres.rs),
+        // with the plan spelled out: SQLite has no statistics unless someone
+        // runs ANALYZE, and without them it read every row of the owned
+        // partitions through the partition index and sorted them, per batch
+        // (a 200k backlog drained at 5k events/s). Rows waiting for a retry
+        // come from the small partial index, the batch from a scan in `seq`
+        // (rowid) order that stops at the limit.
         let mut query = QueryBuilder::<Sqlite>::new(format!(
             "WITH blocked AS (
-    SELECT topic, \"key\", min(seq) AS seq FROM consign_outbox
-    WHERE next_attempt_at > {NOW} AND \"key\" IS NOT NULL AND \"partition\" IN "
+    SELECT topic, \"key\", min(seq) AS seq
+    FROM consign_outbox INDEXED BY consign_outbox_failed
+    WHERE next_attempt_at IS NOT NULL AND next_attempt_at > {NOW}
+      AND \"key\" IS NOT NULL AND \"partition\" IN "
         ));
         push_list(&mut query, partitions.iter().copied());
         query.push(format!(
@@ -89,7 +97,7 @@ impl RelayStore for SqliteConnection {
            o.traceparent, o.tracestate, o.created_at, o.attempts,
            length(CAST(o.payload AS BLOB)) + coalesce(length(CAST(o.\"key\" AS BLOB)), 0)
                + length(CAST(o.headers AS BLOB)) AS size
-    FROM consign_outbox o
+    FROM consign_outbox o NOT INDEXED
     WHERE (o.next_attempt_at IS NULL OR o.next_attempt_at <= {NOW})
       AND NOT EXISTS (
           SELECT 1 FROM blocked b WHERE b.\"key\" = o.\"key\" AND b.topic = o.topic AND b.seq < o.seq
