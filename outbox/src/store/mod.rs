@@ -35,12 +35,15 @@ fn headers_json(msg: &Message) -> Result<String, sqlx::Error> {
 
 /// Inserts `msgs` with multi-row `INSERT`s of at most `max_binds` bound
 /// values each (9 per message), the column names quoted as the backend
-/// wants (`partition` and `key` are reserved words). Within a statement the
-/// rows get increasing `seq`s in their order, on every backend.
+/// wants (`partition` and `key` are reserved words); one message (the
+/// usual business transaction) with the fixed statement `one`, prepared
+/// once per connection. Within a statement the rows get increasing `seq`s
+/// in their order, on every backend.
 #[cfg(any(feature = "mysql", feature = "sqlite"))]
 async fn insert_rows<DB>(
     conn: &mut DB::Connection,
     columns: &'static str,
+    one: &'static str,
     max_binds: usize,
     msgs: &[Message],
 ) -> Result<(), sqlx::Error>
@@ -54,6 +57,21 @@ where
     for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
+    if let [msg] = msgs {
+        sqlx::query(one)
+            .bind(msg.id())
+            .bind(msg.partition())
+            .bind(msg.topic().to_owned())
+            .bind(msg.key().map(str::to_owned))
+            .bind(msg.event_type().to_owned())
+            .bind(msg.payload().to_vec())
+            .bind(headers_json(msg)?)
+            .bind(msg.traceparent().map(str::to_owned))
+            .bind(msg.tracestate().map(str::to_owned))
+            .execute(&mut *conn)
+            .await?;
+        return Ok(());
+    }
     for chunk in msgs.chunks(max_binds / 9) {
         let mut rows = Vec::with_capacity(chunk.len());
         for msg in chunk {
