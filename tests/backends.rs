@@ -225,6 +225,22 @@ macro_rules! guarantee {
     (@backend sqlite) => { Backend::Sqlite };
 }
 
+/// Reads `topic` until every one of `ids` arrived and the outbox is empty,
+/// then asserts none is missing and each key's events are in order once
+/// duplicates are dropped.
+async fn all_arrived_in_order(db: &TestDb, kafka: &MockKafka, topic: &str, ids: &[uuid::Uuid]) {
+    let mut reader = TopicReader::new(kafka.bootstrap(), topic).unwrap();
+    reader.read_distinct(ids.len(), WAIT).await.unwrap();
+    db.wait_drained(WAIT).await.unwrap();
+    reader.read_to_end(WAIT).await.unwrap();
+    println!(
+        "{} events, {} duplicates",
+        reader.distinct(),
+        reader.duplicates()
+    );
+    assert_complete_and_ordered(ids, &reader);
+}
+
 /// Waits until `relay` holds partition leases.
 async fn publishing(db: &TestDb, relay: &RelayProcess) {
     let pid = i32::try_from(relay.id()).unwrap();
@@ -322,16 +338,8 @@ guarantee! {
         };
         let (ids, (mut relay, kills, busy_kills)) = tokio::join!(writer, killer);
         assert!(busy_kills >= 5, "only {busy_kills} of {kills} kills hit a relay with work to do");
-        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
-        reader.read_distinct(EVENTS, WAIT).await.unwrap();
-        db.wait_drained(WAIT).await.unwrap();
-        reader.read_to_end(WAIT).await.unwrap();
-        println!(
-            "{} events after {kills} SIGKILLs ({busy_kills} with rows waiting); {} duplicates",
-            reader.distinct(),
-            reader.duplicates()
-        );
-        assert_complete_and_ordered(&ids, &reader);
+        println!("{kills} SIGKILLs, {busy_kills} with rows waiting");
+        all_arrived_in_order(db, &kafka, &topic, &ids).await;
         relay.terminate(Duration::from_secs(20)).await.unwrap();
     }
 }
@@ -364,12 +372,7 @@ guarantee! {
             println!("first relay SIGKILLed with {waiting} rows waiting");
         };
         let (ids, ()) = tokio::join!(writer, killer);
-        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
-        reader.read_distinct(EVENTS, WAIT).await.unwrap();
-        db.wait_drained(WAIT).await.unwrap();
-        reader.read_to_end(WAIT).await.unwrap();
-        println!("{} events, {} duplicates", reader.distinct(), reader.duplicates());
-        assert_complete_and_ordered(&ids, &reader);
+        all_arrived_in_order(db, &kafka, &topic, &ids).await;
         let status = consign::relay::status(db.relay_pool()).await.unwrap();
         assert_eq!(status.relays.len(), 1, "the killed relay's membership expired");
         second.terminate(Duration::from_secs(20)).await.unwrap();
@@ -399,11 +402,7 @@ guarantee! {
             killed += n;
         }
         assert!(killed >= 3, "only {killed} connections closed");
-        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
-        reader.read_distinct(EVENTS, WAIT).await.unwrap();
-        db.wait_drained(WAIT).await.unwrap();
-        reader.read_to_end(WAIT).await.unwrap();
-        assert_complete_and_ordered(&ids, &reader);
+        all_arrived_in_order(db, &kafka, &topic, &ids).await;
         relay.terminate(Duration::from_secs(20)).await.unwrap();
     }
 }
