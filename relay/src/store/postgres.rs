@@ -10,18 +10,28 @@ use crate::{
     status::{Backlog, FailedRow},
 };
 
-/// Reads the next rows to publish from the owned partitions, in `seq` order.
-/// Skips rows waiting for a retry, and every later row of the same topic and
-/// key as a row waiting for a retry, so a key's events never overtake each
+/// The keys of the owned partitions ($1) with a row waiting for a retry,
+/// and the first such row's `seq` (from the partial index
+/// `consign_outbox_failed`; usually none).
+const WAITING: &str = "\
+SELECT topic, key, min(seq) FROM consign_outbox
+WHERE next_attempt_at > now() AND key IS NOT NULL AND partition = ANY($1)
+GROUP BY topic, key";
+
+/// Reads the next rows to publish from the owned partitions ($1), in `seq`
+/// order. Skips rows waiting for a retry, and every later row of a key
+/// [`WAITING`] found ($4, $5, $6), so a key's events never overtake each
 /// other on a topic. At most $2 rows, and no more bytes than $3 (payload,
 /// key and headers) unless the first row alone is larger.
+///
+/// Two statements rather than one with the waiting keys as a CTE: without
+/// statistics (a large backlog written since the last autovacuum analyze)
+/// the planner turned that CTE's anti join into a sort of the whole backlog,
+/// 367 ms per batch on 200k rows; against the small array it scans the
+/// primary key in `seq` order and stops at the limit (2 ms), with or without
+/// statistics.
 const FETCH: &str = "\
-WITH blocked AS (
-    SELECT topic, key, min(seq) AS seq
-    FROM consign_outbox
-    WHERE next_attempt_at > now() AND key IS NOT NULL AND partition = ANY($1)
-    GROUP BY topic, key
-), candidates AS (
+WITH candidates AS (
     SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
            o.traceparent, o.tracestate, o.created_at, o.attempts,
            octet_length(o.payload) + coalesce(octet_length(o.key), 0)
@@ -30,7 +40,8 @@ WITH blocked AS (
     WHERE o.partition = ANY($1)
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
       AND NOT EXISTS (
-          SELECT 1 FROM blocked b WHERE b.key = o.key AND b.topic = o.topic AND b.seq < o.seq
+          SELECT 1 FROM unnest($4::text[], $5::text[], $6::int8[]) AS b(topic, key, seq)
+          WHERE b.key = o.key AND b.topic = o.topic AND b.seq < o.seq
       )
     ORDER BY o.seq
     LIMIT $2
@@ -152,10 +163,25 @@ impl RelayStore for PgConnection {
         limit: i64,
         max_bytes: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
+        let waiting: Vec<(String, String, i64)> = sqlx::query_as(WAITING)
+            .bind(partitions)
+            .fetch_all(&mut *self)
+            .await?;
+        let mut topics = Vec::with_capacity(waiting.len());
+        let mut keys = Vec::with_capacity(waiting.len());
+        let mut seqs = Vec::with_capacity(waiting.len());
+        for (topic, key, seq) in waiting {
+            topics.push(topic);
+            keys.push(key);
+            seqs.push(seq);
+        }
         sqlx::query_as(FETCH)
             .bind(partitions)
             .bind(limit)
             .bind(max_bytes)
+            .bind(topics)
+            .bind(keys)
+            .bind(seqs)
             .fetch_all(self)
             .await
     }
