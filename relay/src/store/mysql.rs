@@ -46,20 +46,34 @@ async fn fence_lock(conn: &mut MySqlConnection, fence: Fence<'_>) -> sqlx::Resul
     if fence.owned.is_empty() {
         return Ok(Vec::new());
     }
-    let mut query =
-        QueryBuilder::<MySql>::new("SELECT `partition` FROM consign_relay_leases WHERE owner = ");
-    query.push_bind(fence.instance.to_owned());
+    let mut query = QueryBuilder::<MySql>::new("SELECT `partition` FROM consign_relay_leases");
+    push_held_by(
+        &mut query,
+        fence.instance,
+        fence.owned.iter().map(|(p, e)| (*p, *e)),
+    );
+    query.push(" ORDER BY `partition` LOCK IN SHARE MODE");
+    query.build_query_scalar().fetch_all(conn).await
+}
+
+/// Appends ` WHERE owner = instance AND (partition, epoch) IN (…)`: the
+/// lease rows `instance` holds under the given epochs.
+fn push_held_by(
+    query: &mut QueryBuilder<MySql>,
+    instance: &str,
+    leases: impl IntoIterator<Item = (i16, i64)>,
+) {
+    query.push(" WHERE owner = ").push_bind(instance.to_owned());
     query.push(" AND (`partition`, epoch) IN (");
     let mut pairs = query.separated(", ");
-    for (partition, epoch) in fence.owned {
+    for (partition, epoch) in leases {
         pairs.push("(");
-        pairs.push_bind_unseparated(*partition);
+        pairs.push_bind_unseparated(partition);
         pairs.push_unseparated(", ");
-        pairs.push_bind_unseparated(*epoch);
+        pairs.push_bind_unseparated(epoch);
         pairs.push_unseparated(")");
     }
-    query.push(") ORDER BY `partition` LOCK IN SHARE MODE");
-    query.build_query_scalar().fetch_all(conn).await
+    query.push(")");
 }
 
 impl RelayStore for MySqlConnection {
@@ -286,19 +300,9 @@ FROM consign_outbox WHERE seq IN ",
             return Ok(());
         }
         let mut query = QueryBuilder::<MySql>::new(
-            "UPDATE consign_relay_leases SET owner = NULL, expires_at = NULL WHERE owner = ",
+            "UPDATE consign_relay_leases SET owner = NULL, expires_at = NULL",
         );
-        query.push_bind(instance.to_owned());
-        query.push(" AND (`partition`, epoch) IN (");
-        let mut pairs = query.separated(", ");
-        for (partition, epoch) in partitions {
-            pairs.push("(");
-            pairs.push_bind_unseparated(*partition);
-            pairs.push_unseparated(", ");
-            pairs.push_bind_unseparated(*epoch);
-            pairs.push_unseparated(")");
-        }
-        query.push(")");
+        push_held_by(&mut query, instance, partitions.iter().copied());
         query.build().execute(self).await?;
         Ok(())
     }

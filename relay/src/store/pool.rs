@@ -64,27 +64,6 @@ impl DatabasePool {
         }
     }
 
-    /// The PostgreSQL pool, if this is one.
-    #[must_use]
-    pub fn as_postgres(&self) -> Option<&sqlx::PgPool> {
-        match self {
-            Self::Postgres(pool) => Some(pool),
-            #[cfg(any(feature = "mysql", feature = "sqlite"))]
-            _ => None,
-        }
-    }
-
-    /// Closes the pool (waits for its connections to be returned).
-    pub async fn close(&self) {
-        match self {
-            Self::Postgres(pool) => pool.close().await,
-            #[cfg(feature = "mysql")]
-            Self::MySql(pool) => pool.close().await,
-            #[cfg(feature = "sqlite")]
-            Self::Sqlite(pool) => pool.close().await,
-        }
-    }
-
     pub(crate) async fn acquire(&self) -> sqlx::Result<Conn> {
         Ok(match self {
             Self::Postgres(pool) => Conn::Postgres(pool.acquire().await?),

@@ -47,21 +47,34 @@ async fn fence_lock(conn: &mut SqliteConnection, fence: Fence<'_>) -> sqlx::Resu
     if fence.owned.is_empty() {
         return Ok(Vec::new());
     }
-    let mut query = QueryBuilder::<Sqlite>::new(
-        "SELECT \"partition\" FROM consign_relay_leases WHERE owner = ",
+    let mut query = QueryBuilder::<Sqlite>::new("SELECT \"partition\" FROM consign_relay_leases");
+    push_held_by(
+        &mut query,
+        fence.instance,
+        fence.owned.iter().map(|(p, e)| (*p, *e)),
     );
-    query.push_bind(fence.instance.to_owned());
+    query.push(" ORDER BY \"partition\"");
+    query.build_query_scalar().fetch_all(conn).await
+}
+
+/// Appends ` WHERE owner = instance AND ((partition = … AND epoch = …) OR …)`:
+/// the lease rows `instance` holds under the given epochs.
+fn push_held_by(
+    query: &mut QueryBuilder<Sqlite>,
+    instance: &str,
+    leases: impl IntoIterator<Item = (i16, i64)>,
+) {
+    query.push(" WHERE owner = ").push_bind(instance.to_owned());
     query.push(" AND (");
     let mut pairs = query.separated(" OR ");
-    for (partition, epoch) in fence.owned {
+    for (partition, epoch) in leases {
         pairs.push("(\"partition\" = ");
-        pairs.push_bind_unseparated(*partition);
+        pairs.push_bind_unseparated(partition);
         pairs.push_unseparated(" AND epoch = ");
-        pairs.push_bind_unseparated(*epoch);
+        pairs.push_bind_unseparated(epoch);
         pairs.push_unseparated(")");
     }
-    query.push(") ORDER BY \"partition\"");
-    query.build_query_scalar().fetch_all(conn).await
+    query.push(")");
 }
 
 impl RelayStore for SqliteConnection {
@@ -251,19 +264,9 @@ FROM consign_outbox WHERE seq IN ",
             return Ok(());
         }
         let mut query = QueryBuilder::<Sqlite>::new(
-            "UPDATE consign_relay_leases SET owner = NULL, expires_at = NULL WHERE owner = ",
+            "UPDATE consign_relay_leases SET owner = NULL, expires_at = NULL",
         );
-        query.push_bind(instance.to_owned());
-        query.push(" AND (");
-        let mut pairs = query.separated(" OR ");
-        for (partition, epoch) in partitions {
-            pairs.push("(\"partition\" = ");
-            pairs.push_bind_unseparated(*partition);
-            pairs.push_unseparated(" AND epoch = ");
-            pairs.push_bind_unseparated(*epoch);
-            pairs.push_unseparated(")");
-        }
-        query.push(")");
+        push_held_by(&mut query, instance, partitions.iter().copied());
         query.build().execute(self).await?;
         Ok(())
     }
