@@ -946,12 +946,16 @@ async fn drain_once(bench: &Bench, system: System, backlog: u64) -> Result<Drain
     };
     let ids = fill(bench, system, &topic, backlog).await?;
     let reader = Reader::start(bench.kafka.bootstrap(), &topic, system)?;
+    let profile = std::env::var_os("BENCH_PEERS_PG_PROFILE").is_some();
+    if profile {
+        bench.pool.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()").await?;
+    }
     let pg_before = postgres_cpu();
     let mut peer = bench.start(system, state.as_ref())?;
     let started = peer.started;
     let watch = async {
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
             peer.check_alive()?;
             if reader.distinct() >= ids.len() {
                 return anyhow::Ok(());
@@ -979,6 +983,20 @@ async fn drain_once(bench: &Bench, system: System, backlog: u64) -> Result<Drain
         usage.peak_rss_mib,
         check.describe()
     );
+    if profile {
+        // Diagnostics: where PostgreSQL's time went (needs the extension
+        // preloaded, as scripts/services.sh does).
+        let top: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 110), calls, total_exec_time \
+             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY total_exec_time DESC LIMIT 6",
+        )
+        .fetch_all(&bench.pool)
+        .await?;
+        for (query, calls, ms) in top {
+            println!("              {ms:>9.0} ms {calls:>7} calls  {query}");
+        }
+    }
     // What autovacuum does within a minute in production: a drained
     // backlog leaves dead tuples the next phase's reads would wade through
     // (consign) and a table of sent events (Debezium).

@@ -115,6 +115,9 @@ max_wal_senders = 10
 max_replication_slots = 10
 max_connections = 400
 shared_buffers = 256MB
+# Per-statement costs for profiling (CREATE EXTENSION pg_stat_statements in a
+# database to read them); no effect on the tests.
+shared_preload_libraries = 'pg_stat_statements'
 # TLS with a test CA (ca.crt beside the certificate), for the TLS tests.
 ssl = on
 ssl_cert_file = '$tls_dir/server.crt'
