@@ -799,3 +799,80 @@ guarantee! {
         relay.shutdown().await.unwrap();
     }
 }
+
+/// Settings whose ordinary polling would take 10 s to notice a new row:
+/// only the idle probe (every 20 ms) can ship one sooner.
+fn slow_polls_with_probe(probe: Duration) -> consign::relay::RelaySettings {
+    let mut settings = fast_relay_settings();
+    settings.poll_interval = Duration::from_secs(10);
+    settings.max_poll_interval = Duration::from_secs(10);
+    settings.idle_probe_interval = probe;
+    settings
+}
+
+/// Enqueues one event to `topic` and waits until `reader` has `seen + 1`
+/// distinct events, for at most `within`.
+async fn ship_one(db: &TestDb, reader: &mut TopicReader, topic: &str, within: Duration) {
+    let seen = reader.distinct();
+    db.enqueue(&[Message::new(topic, "E", b"{}".to_vec()).with_key("k")])
+        .await
+        .unwrap();
+    reader.read_distinct(seen + 1, within).await.unwrap();
+}
+
+guarantee! {
+    /// A relay that nothing wakes (as `consign-relay run`) and whose batch
+    /// polls are 10 s apart ships an event written to its idle outbox
+    /// within a few seconds: the idle probe (20 ms) sees the new row and
+    /// the batch is read at once. Without the probe each of these waits
+    /// up to 10 s. The bound is generous: the machine is shared.
+    [postgres, mysql, sqlite]
+    async fn idle_probe_ships_new_rows_before_the_next_poll(db: &TestDb) {
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("probe");
+        kafka.create_topic(&topic, 6).unwrap();
+        let relay = Relay::builder(db.relay_pool())
+            .kafka("bootstrap.servers", kafka.bootstrap())
+            .settings(slow_polls_with_probe(Duration::from_millis(20)))
+            .build()
+            .unwrap()
+            .spawn();
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        // The first batch with leases ships this one; the relay then pauses 10 s.
+        ship_one(db, &mut reader, &topic, WAIT).await;
+        for _ in 0..3 {
+            ship_one(db, &mut reader, &topic, Duration::from_secs(3)).await;
+        }
+        db.wait_drained(WAIT).await.unwrap();
+        relay.shutdown().await.unwrap();
+    }
+}
+
+guarantee! {
+    /// With the probe off (`idle-probe-interval = 0s`) the relay still
+    /// ships what is written to its idle outbox, through its ordinary
+    /// polls.
+    [postgres, mysql, sqlite]
+    async fn without_the_idle_probe_polls_still_ship(db: &TestDb) {
+        let kafka = MockKafka::start(1).unwrap();
+        let topic = unique_topic("no-probe");
+        kafka.create_topic(&topic, 6).unwrap();
+        let mut settings = fast_relay_settings();
+        settings.max_poll_interval = Duration::from_millis(200);
+        settings.idle_probe_interval = Duration::ZERO;
+        let relay = Relay::builder(db.relay_pool())
+            .kafka("bootstrap.servers", kafka.bootstrap())
+            .settings(settings)
+            .build()
+            .unwrap()
+            .spawn();
+        let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
+        for _ in 0..4 {
+            ship_one(db, &mut reader, &topic, WAIT).await;
+            // Idle long enough for the polls to back off to their longest.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        db.wait_drained(WAIT).await.unwrap();
+        relay.shutdown().await.unwrap();
+    }
+}

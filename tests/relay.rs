@@ -710,3 +710,37 @@ async fn batches_are_capped_by_bytes(pool: PgPool) {
     );
     relay.shutdown().await.unwrap();
 }
+
+broker_test! {
+    /// The idle probe is only a hint: a row committed after a newer one
+    /// (its transaction took its `seq` first and committed last) lies below
+    /// what the probe already saw, so the probe never reports it; the
+    /// ordinary poll (`max-poll-interval`) still ships it.
+    async fn idle_probe_row_committed_under_an_older_seq_still_ships(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("late-seq");
+        broker.create_topic(&topic, 1).await.unwrap();
+        let mut settings = fast_relay_settings();
+        settings.max_poll_interval = Duration::from_millis(300);
+        settings.idle_probe_interval = Duration::from_millis(10);
+        let relay = relay(&pool, &broker).settings(settings).build().unwrap().spawn();
+        let outbox = Outbox::new();
+        let mut late = pool.begin().await.unwrap();
+        let late_id = outbox
+            .enqueue(&mut *late, Message::new(&topic, "Late", b"l".to_vec()).with_key("l"))
+            .await
+            .unwrap();
+        let mut early = pool.begin().await.unwrap();
+        outbox
+            .enqueue(&mut *early, Message::new(&topic, "Early", b"e".to_vec()).with_key("e"))
+            .await
+            .unwrap();
+        early.commit().await.unwrap();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        reader.read_distinct(1, WAIT).await.unwrap();
+        late.commit().await.unwrap();
+        let received = reader.read_distinct(2, WAIT).await.unwrap();
+        assert!(received.iter().any(|r| r.id() == Some(late_id)));
+        drained(&pool).await;
+        relay.shutdown().await.unwrap();
+    }
+}

@@ -235,6 +235,44 @@ broker_test! {
     }
 }
 
+broker_test! {
+    /// `consign-relay run` is woken by nothing: with batch polls 10 s apart
+    /// (file) and the idle probe at 20 ms (`CONSIGN_RELAY__IDLE_PROBE_INTERVAL`),
+    /// events written to its idle outbox still arrive within seconds. The
+    /// bound is generous (a shared machine); without the probe each takes
+    /// up to 10 s.
+    async fn relay_process_idle_probe_ships_before_the_next_poll(pool: PgPool, broker: TestBroker) {
+        let topic = unique_topic("probe-process");
+        broker.create_topic(&topic, 3).await.unwrap();
+        let config = relay_config(
+            &db::url(&pool),
+            broker.bootstrap(),
+            &[("poll-interval", "\"10s\""), ("max-poll-interval", "\"10s\"")],
+            &[],
+        );
+        let mut relay =
+            RelayProcess::start_with(&config, &["run"], &[("CONSIGN_RELAY__IDLE_PROBE_INTERVAL", "20ms")])
+                .unwrap();
+        let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+        let outbox = consign::Outbox::new();
+        for n in 0..4 {
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .enqueue(&mut *tx, consign::Message::new(&topic, "E", b"{}".to_vec()).with_key("k"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            // The first waits for the relay to start and take its leases.
+            let within = if n == 0 { WAIT } else { Duration::from_secs(3) };
+            reader
+                .read_distinct(n + 1, within)
+                .await
+                .unwrap_or_else(|e| panic!("event {n}: {e}; relay output:\n{}", relay.output()));
+        }
+        relay.terminate(Duration::from_secs(20)).await.unwrap();
+    }
+}
+
 /// Starts a writer of `events` events over `keys` keys (10 per
 /// transaction, paced) and a relay with `config`; returns once 100 events
 /// arrived.

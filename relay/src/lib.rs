@@ -50,7 +50,11 @@
 //! or HTTP dependencies): `consign-relay migrate` creates the tables,
 //! `consign-relay run` publishes until SIGTERM, `consign-relay status` shows
 //! relays, leases and backlog. Its configuration file is [`Config`]; see
-//! `cli/reference.toml`.
+//! `cli/reference.toml`. Nothing wakes it after a commit: while the outbox
+//! is empty it probes for new rows every `relay.idle-probe-interval` (one
+//! indexed query, 20 ms in production) between its backed-off polls, so an
+//! event still ships within tens of milliseconds
+//! ([`RelaySettings::idle_probe_interval`]).
 //!
 //! [consign]: https://github.com/consign-rs/consign
 

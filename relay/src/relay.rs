@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+mod idle;
 mod settle;
 
 use crate::{
@@ -47,6 +48,9 @@ pub struct Relay {
     /// The partitions of the previous batch, to update ownership gauges
     /// only on change.
     last_owned: Vec<i16>,
+    /// The idle probe's mark: the highest `seq` read, or found by a probe
+    /// before a batch (see `relay/idle.rs`).
+    newest_read: i64,
     /// Backlog gauges and dependency checks, run next to the relay.
     sampler: Option<Sampler>,
     health: Health,
@@ -102,6 +106,7 @@ impl Relay {
             stats: Arc::default(),
             on_published,
             last_owned: vec![-1],
+            newest_read: 0,
         }
     }
 
@@ -272,15 +277,6 @@ impl Relay {
         usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX)
     }
 
-    /// Waits for `pause`, a wake-up, or shutdown.
-    async fn idle(&self, pause: Duration, shutdown: &CancellationToken) {
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = self.waker.notified() => {}
-            () = shutdown.cancelled() => {}
-        }
-    }
-
     /// Releases surplus leases, then one read → produce → acknowledge →
     /// delete round. Returns the number of rows read, or `None` when the
     /// relay holds no partition.
@@ -306,6 +302,9 @@ impl Relay {
             .run(async |conn| conn.fetch_batch(&partitions, limit, max_bytes).await)
             .await?;
         tracing::Span::current().record("fetched", rows.len());
+        if let Some(newest) = rows.iter().map(|row| row.seq).max() {
+            self.read_up_to(newest);
+        }
         let drained = rows.len() < self.batch_limit();
         if rows.is_empty() {
             if let Publishers::PerPartition(transactional) = &self.publisher {

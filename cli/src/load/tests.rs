@@ -83,6 +83,7 @@ fn every_bad_field_gives_an_error_naming_it() {
         ("relay", "batch-max-bytes = 1000", "relay.batch-max-bytes", "between 65536"),
         ("relay", r#"poll-interval = "0s""#, "relay.poll-interval", "between 1ms and 1m"),
         ("relay", r#"max-poll-interval = "1ms""#, "relay.max-poll-interval", "at least relay.poll-interval"),
+        ("relay", r#"idle-probe-interval = "1s""#, "relay.idle-probe-interval", "0s (off) or between 1ms and relay.max-poll-interval"),
         ("relay", r#"retry-min-delay = "2h""#, "relay.retry-min-delay", "between 1ms and 1h"),
         ("relay", r#"retry-max-delay = "10ms""#, "relay.retry-max-delay", "at least relay.retry-min-delay"),
         ("relay", r#"shutdown-timeout = "11m""#, "relay.shutdown-timeout", "between 0s and 10m"),

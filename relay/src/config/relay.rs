@@ -23,6 +23,18 @@ pub struct RelaySettings {
     /// Longest delay between polls of an empty outbox. Default 500 ms.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
+    /// While the outbox is empty, how often to run the idle probe between
+    /// polls: one indexed query for a row newer than any the relay has read
+    /// (the backwards primary-key scan of `SELECT seq … ORDER BY seq DESC
+    /// LIMIT 1`), far cheaper than reading a batch. When it finds one, the
+    /// relay reads a batch at once instead of waiting out its backed-off
+    /// pause, so a relay that nothing wakes (the `consign-relay` process)
+    /// still ships within about this long. Only a hint: batches are still
+    /// read at least every `max-poll-interval` (a row committed after a
+    /// newer one, under an older `seq`, waits for that). `0s` turns the
+    /// probe off. Default 20 ms; 0, or 1 ms to `max-poll-interval`.
+    #[serde(with = "humantime_serde")]
+    pub idle_probe_interval: Duration,
     /// Delay before the first retry of a row the broker refused; doubles per
     /// attempt (with jitter). Default 1 s.
     #[serde(with = "humantime_serde")]
@@ -65,6 +77,7 @@ pub struct RelaySettings {
 /// | `relay.batch-size` | 100 | 100 | 1000 |
 /// | `relay.poll-interval` | 10ms | 5ms | 10ms |
 /// | `relay.max-poll-interval` | 200ms | 50ms | 500ms |
+/// | `relay.idle-probe-interval` | 20ms | 10ms | 20ms |
 /// | `relay.retry-min-delay` | 200ms | 100ms | 1s |
 /// | `relay.retry-max-delay` | 5s | 1s | 60s |
 /// | `relay.shutdown-timeout` | 2s | 2s | 10s |
@@ -134,6 +147,7 @@ impl RelaySettings {
             batch_max_bytes: 16 << 20,
             poll_interval: ms(10),
             max_poll_interval: ms(500),
+            idle_probe_interval: ms(20),
             retry_min_delay: ms(1000),
             retry_max_delay: ms(60_000),
             shutdown_timeout: ms(10_000),
@@ -157,6 +171,7 @@ impl RelaySettings {
                 batch_size: 100,
                 poll_interval: ms(5),
                 max_poll_interval: ms(50),
+                idle_probe_interval: ms(10),
                 retry_min_delay: ms(100),
                 retry_max_delay: ms(1000),
                 shutdown_timeout: ms(2000),
@@ -201,6 +216,20 @@ impl RelaySettings {
                 "must be at least relay.poll-interval and at most 10m",
             )
         })?;
+        if !self.idle_probe_interval.is_zero() {
+            in_range(
+                "relay.idle-probe-interval",
+                self.idle_probe_interval,
+                ms(1),
+                self.max_poll_interval,
+            )
+            .map_err(|_| {
+                Error::config(
+                    "relay.idle-probe-interval",
+                    "must be 0s (off) or between 1ms and relay.max-poll-interval",
+                )
+            })?;
+        }
         in_range(
             "relay.retry-min-delay",
             self.retry_min_delay,

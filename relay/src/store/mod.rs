@@ -161,6 +161,15 @@ pub(crate) trait RelayStore: Send {
         max_bytes: i64,
     ) -> impl Future<Output = sqlx::Result<Vec<OutboxRow>>> + Send;
 
+    /// The idle probe: the newest `seq` in the outbox above `after`, or
+    /// `None` when there is none (in any partition: it is only a hint to
+    /// read a batch now). One backwards scan of the primary key that stops
+    /// at the first live row, and at `after`: the rows the relay already
+    /// read and deleted lie below it, so a PostgreSQL index full of their
+    /// dead entries is not walked (`max(seq)` alone would walk it until
+    /// vacuum).
+    fn newest_seq(&mut self, after: i64) -> impl Future<Output = sqlx::Result<Option<i64>>> + Send;
+
     /// Settles a batch in one transaction: deletes (or with `archive`,
     /// moves to the archive) the `delivered` rows and records `failures`
     /// (error, next attempt), both only in partitions `fence` still holds.

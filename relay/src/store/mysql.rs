@@ -18,6 +18,10 @@ use crate::{
     status::{Backlog, FailedRow},
 };
 
+/// The idle probe: the newest row above the relay's mark, read backwards
+/// along the primary key (see [`RelayStore::newest_seq`]).
+const NEWEST_SEQ: &str = "SELECT seq FROM consign_outbox WHERE seq > ? ORDER BY seq DESC LIMIT 1";
+
 const NOW: &str = "UTC_TIMESTAMP(6)";
 
 /// Rows deleted per statement by the archive's retention.
@@ -135,6 +139,13 @@ impl RelayStore for MySqlConnection {
         query.push_bind(limit);
         let rows = query.build_query_as().fetch_all(self).await?;
         Ok(super::cap_bytes(rows, max_bytes))
+    }
+
+    async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {
+        sqlx::query_scalar(NEWEST_SEQ)
+            .bind(after)
+            .fetch_optional(self)
+            .await
     }
 
     async fn settle(

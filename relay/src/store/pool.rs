@@ -160,6 +160,10 @@ impl RelayStore for Conn {
         dispatch!(self, c => c.fetch_batch(partitions, limit, max_bytes).await)
     }
 
+    async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {
+        dispatch!(self, c => c.newest_seq(after).await)
+    }
+
     async fn settle(
         &mut self,
         fence: Fence<'_>,

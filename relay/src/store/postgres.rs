@@ -10,6 +10,10 @@ use crate::{
     status::{Backlog, FailedRow},
 };
 
+/// The idle probe: the newest row above the relay's mark, read backwards
+/// along the primary key (see [`RelayStore::newest_seq`]).
+const NEWEST_SEQ: &str = "SELECT seq FROM consign_outbox WHERE seq > $1 ORDER BY seq DESC LIMIT 1";
+
 /// The keys of the owned partitions ($1) with a row waiting for a retry,
 /// and the first such row's `seq` (from the partial index
 /// `consign_outbox_failed`; usually none).
@@ -183,6 +187,13 @@ impl RelayStore for PgConnection {
             .bind(keys)
             .bind(seqs)
             .fetch_all(self)
+            .await
+    }
+
+    async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {
+        sqlx::query_scalar(NEWEST_SEQ)
+            .bind(after)
+            .fetch_optional(self)
             .await
     }
 

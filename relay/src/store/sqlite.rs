@@ -18,6 +18,10 @@ use crate::{
     status::{Backlog, FailedRow},
 };
 
+/// The idle probe: the newest row above the relay's mark, read backwards
+/// along the primary key (see [`RelayStore::newest_seq`]).
+const NEWEST_SEQ: &str = "SELECT seq FROM consign_outbox WHERE seq > ? ORDER BY seq DESC LIMIT 1";
+
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 /// The time `ms` milliseconds from now (`?` bound to [`offset`]).
@@ -133,6 +137,13 @@ WHERE upto <= ",
         query.push_bind(max_bytes);
         query.push(" OR upto = size ORDER BY seq");
         query.build_query_as().fetch_all(self).await
+    }
+
+    async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {
+        sqlx::query_scalar(NEWEST_SEQ)
+            .bind(after)
+            .fetch_optional(self)
+            .await
     }
 
     async fn settle(
