@@ -62,7 +62,7 @@ use hdrhistogram::Histogram;
 use rdkafka::{
     ClientConfig, Message as _, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
-    message::Headers,
+    message::{Header, Headers, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::{
@@ -679,8 +679,15 @@ struct Reader {
     handle: std::thread::JoinHandle<Result<Vec<Arrival>>>,
 }
 
+/// The header of the records [`Reader::start`] writes to find out that
+/// the reader fetches from every partition; not events, not counted.
+const PRIMER: &str = "peers-primer";
+
 impl Reader {
-    fn start(bootstrap: &str, topic: &str, system: System) -> Result<Self> {
+    /// Starts reading `topic` and returns once the reader fetches from every
+    /// partition (it has read a primer record written to each), so that a
+    /// latency measured from it holds no consumer start-up.
+    async fn start(bootstrap: &str, topic: &str, system: System) -> Result<Self> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", format!("consign-peers-{}", Uuid::now_v7()))
@@ -696,12 +703,14 @@ impl Reader {
         let expected = Arc::new(AtomicUsize::new(usize::MAX));
         let stop = Arc::new(AtomicBool::new(false));
         let distinct = Arc::new(AtomicUsize::new(0));
+        let primed = Arc::new(AtomicUsize::new(0));
         let header = system.id_header();
         let handle = {
-            let (expected, stop, distinct) = (
+            let (expected, stop, distinct, primed) = (
                 Arc::clone(&expected),
                 Arc::clone(&stop),
                 Arc::clone(&distinct),
+                Arc::clone(&primed),
             );
             std::thread::spawn(move || {
                 let mut arrivals = Vec::new();
@@ -713,6 +722,13 @@ impl Reader {
                     };
                     let at = Instant::now();
                     let message = message?;
+                    if message
+                        .headers()
+                        .is_some_and(|h| h.iter().any(|h| h.key == PRIMER))
+                    {
+                        primed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let id = message
                         .headers()
                         .and_then(|h| h.iter().find(|h| h.key == header))
@@ -731,6 +747,33 @@ impl Reader {
                 Ok(arrivals)
             })
         };
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()?;
+        for partition in 0..PARTITIONS {
+            producer
+                .send(
+                    FutureRecord::<str, str>::to(topic)
+                        .partition(partition)
+                        .payload("primer")
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: PRIMER,
+                            value: Some("1"),
+                        })),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(error, _)| error)
+                .context("writing a primer record")?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while primed.load(Ordering::Relaxed) < usize::try_from(PARTITIONS)? {
+            ensure!(
+                !handle.is_finished() && Instant::now() < deadline,
+                "the reader of {topic} did not start fetching every partition in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(Self {
             expected,
             stop,
@@ -945,7 +988,7 @@ async fn drain_once(bench: &Bench, system: System, backlog: u64) -> Result<Drain
         System::Debezium => Some(bench.debezium_state().await?),
     };
     let ids = fill(bench, system, &topic, backlog).await?;
-    let reader = Reader::start(bench.kafka.bootstrap(), &topic, system)?;
+    let reader = Reader::start(bench.kafka.bootstrap(), &topic, system).await?;
     let profile = std::env::var_os("BENCH_PEERS_PG_PROFILE").is_some();
     if profile {
         bench.pool.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()").await?;
@@ -1116,7 +1159,7 @@ async fn stream(
 async fn warm_up(bench: &Bench, system: System, peer: &mut Peer) -> Result<()> {
     let topic = bench.fresh(&format!("peers_warmup_{}", system.name()));
     bench.kafka.create_topic(&topic, PARTITIONS).await?;
-    let reader = Reader::start(bench.kafka.bootstrap(), &topic, system)?;
+    let reader = Reader::start(bench.kafka.bootstrap(), &topic, system).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     // Repeat until one arrives: a connector still starting may not see the
     // first one (Debezium reads what commits after its slot position).
@@ -1187,7 +1230,7 @@ async fn steady(bench: &Bench, rates: &[u64], table: &mut Table) -> Result<()> {
         for &rate in rates {
             let topic = bench.fresh(&format!("peers_steady_{}_{}", rate, system.name()));
             bench.kafka.create_topic(&topic, PARTITIONS).await?;
-            let reader = Reader::start(bench.kafka.bootstrap(), &topic, system)?;
+            let reader = Reader::start(bench.kafka.bootstrap(), &topic, system).await?;
             let (committed, reached) = stream(bench, system, &topic, rate, seconds, None).await?;
             let arrivals = reader
                 .finish(committed.len(), Duration::from_secs(120))
@@ -1438,7 +1481,7 @@ async fn recovery(bench: &Bench, table: &mut Table) -> Result<()> {
         warm_up(bench, system, &mut peer).await?;
         let topic = bench.fresh(&format!("peers_recovery_{}", system.name()));
         bench.kafka.create_topic(&topic, PARTITIONS).await?;
-        let reader = Reader::start(bench.kafka.bootstrap(), &topic, system)?;
+        let reader = Reader::start(bench.kafka.bootstrap(), &topic, system).await?;
         let (kill, killed) = tokio::sync::oneshot::channel();
         let writing = stream(
             bench,
