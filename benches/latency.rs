@@ -23,7 +23,6 @@
 
 use std::{
     collections::HashMap,
-    str::FromStr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -38,7 +37,7 @@ use rdkafka::{
     message::Headers as _,
 };
 use sqlx::{
-    ConnectOptions, Connection, Executor, PgConnection, PgPool,
+    ConnectOptions, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use tokio_util::sync::CancellationToken;
@@ -66,23 +65,7 @@ type Arrivals = Arc<Mutex<HashMap<Uuid, Instant>>>;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let database = format!("consign_latency_{}", std::process::id());
-    let mut admin = PgConnection::connect(&url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .await?;
-    let options = PgConnectOptions::from_str(&url)?.database(&database);
-    let result = run(options).await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {database} WITH (FORCE)"
-        )))
-        .await?;
-    result
+    consign_test_support::db::with_scratch_database("consign_latency", run).await
 }
 
 async fn run(options: PgConnectOptions) -> Result<()> {

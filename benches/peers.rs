@@ -47,7 +47,6 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -114,32 +113,23 @@ impl System {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let mut admin = PgConnection::connect(&url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    let wal_level: String = sqlx::query_scalar("SHOW wal_level")
-        .fetch_one(&mut admin)
-        .await?;
-    ensure!(
-        wal_level == "logical",
-        "PostgreSQL runs with wal_level = {wal_level}; Debezium needs logical (scripts/services.sh postgres sets it)"
-    );
-    drop_stale_slots(&mut admin).await?;
-    let database = format!("consign_peers_{}", std::process::id());
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .await?;
-    let options = PgConnectOptions::from_str(&url)?.database(&database);
-    let result = run(options, &database).await;
-    drop_stale_slots(&mut admin).await?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {database} WITH (FORCE)"
-        )))
-        .await?;
-    result
+    consign_test_support::db::with_scratch_database("consign_peers", async |options| {
+        let mut admin = PgConnection::connect_with(&options).await?;
+        let wal_level: String = sqlx::query_scalar("SHOW wal_level")
+            .fetch_one(&mut admin)
+            .await?;
+        ensure!(
+            wal_level == "logical",
+            "PostgreSQL runs with wal_level = {wal_level}; Debezium needs logical (scripts/services.sh postgres sets it)"
+        );
+        drop_stale_slots(&mut admin).await?;
+        let database = options.get_database().unwrap_or_default().to_owned();
+        let result = run(options, &database).await;
+        // A slot blocks dropping its database, and keeps WAL forever.
+        drop_stale_slots(&mut admin).await?;
+        result
+    })
+    .await
 }
 
 /// Drops the replication slots earlier runs of this benchmark left (a
@@ -1197,6 +1187,9 @@ async fn warm_up(bench: &Bench, system: System, peer: &mut Peer) -> Result<()> {
     Ok(())
 }
 
+/// A row of the table from [`Steady`]: its label, unit and figure.
+type SteadyRow = (&'static str, &'static str, fn(&Steady) -> f64);
+
 /// One system at one steady rate.
 struct Steady {
     p50: f64,
@@ -1309,31 +1302,20 @@ async fn steady(bench: &Bench, rates: &[u64], table: &mut Table) -> Result<()> {
     }
     for (i, rate) in rates.iter().enumerate() {
         let (c, d) = (&results[0][i], &results[1][i]);
-        let both_ok = |x: f64, check: &Check| Figure::new(x, check);
-        table.add(
-            &format!("(b) reached rate, aimed at {rate}/s"),
-            "ev/s",
-            both_ok(c.reached, &c.check),
-            both_ok(d.reached, &d.check),
-        );
-        table.add(
-            &format!("(b) p50 latency at {rate}/s"),
-            "ms",
-            both_ok(c.p50, &c.check),
-            both_ok(d.p50, &d.check),
-        );
-        table.add(
-            &format!("(b) p90 latency at {rate}/s"),
-            "ms",
-            both_ok(c.p90, &c.check),
-            both_ok(d.p90, &d.check),
-        );
-        table.add(
-            &format!("(b) p99 latency at {rate}/s"),
-            "ms",
-            both_ok(c.p99, &c.check),
-            both_ok(d.p99, &d.check),
-        );
+        let rows: [SteadyRow; 4] = [
+            ("reached rate, aimed at", "ev/s", |s| s.reached),
+            ("p50 latency at", "ms", |s| s.p50),
+            ("p90 latency at", "ms", |s| s.p90),
+            ("p99 latency at", "ms", |s| s.p99),
+        ];
+        for (what, unit, figure) in rows {
+            table.add(
+                &format!("(b) {what} {rate}/s"),
+                unit,
+                Figure::new(figure(c), &c.check),
+                Figure::new(figure(d), &d.check),
+            );
+        }
     }
     let valid = Check::default();
     table.add(

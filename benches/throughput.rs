@@ -23,7 +23,6 @@
 
 use std::{
     collections::HashMap,
-    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -42,7 +41,7 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::{
-    ConnectOptions, Connection, Executor, PgConnection, PgPool,
+    ConnectOptions, Executor, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -64,23 +63,7 @@ backend_bench!(
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let database = format!("consign_bench_{}", std::process::id());
-    let mut admin = PgConnection::connect(&url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .await?;
-    let options = PgConnectOptions::from_str(&url)?.database(&database);
-    let result = run(options).await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {database} WITH (FORCE)"
-        )))
-        .await?;
-    result
+    consign_test_support::db::with_scratch_database("consign_bench", run).await
 }
 
 async fn run(options: PgConnectOptions) -> Result<()> {

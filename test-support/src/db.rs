@@ -61,3 +61,40 @@ pub async fn lock_outbox(pool: &PgPool) -> Result<sqlx::Transaction<'static, sql
         .await?;
     Ok(lock)
 }
+
+/// Runs `body` on a PostgreSQL database of its own, `{prefix}_{pid}`,
+/// created on the server of `DATABASE_URL` (default: the local test server)
+/// and dropped afterwards, whatever `body` returned. For the benchmarks,
+/// which own their tables.
+///
+/// # Errors
+/// If the server cannot be reached, the database cannot be created or
+/// dropped, or `body` fails (its error comes first).
+pub async fn with_scratch_database<T, F, Fut>(prefix: &str, body: F) -> Result<T>
+where
+    F: FnOnce(sqlx::postgres::PgConnectOptions) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use anyhow::Context as _;
+    use sqlx::{Connection as _, Executor as _};
+
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let database = format!("{prefix}_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(&url)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .await?;
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()?
+        .database(&database);
+    let result = body(options).await;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {database} WITH (FORCE)"
+        )))
+        .await?;
+    result
+}
