@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use consign::Outbox;
-use consign_test_support::{BrokerKind as Kind, RelayProcess, TestBroker};
+use consign_test_support::{BrokerKind as Kind, RelayProcess, TestBroker, procfs::cpu_seconds};
 use hdrhistogram::Histogram;
 use rdkafka::{
     ClientConfig, Message as _, Offset, TopicPartitionList,
@@ -55,10 +55,6 @@ const RATES: [u32; 3] = [2, 10, 100];
 
 /// Events measured per rate at least (at 2/s, 30 s).
 const MIN_EVENTS: u64 = 60;
-
-/// `/proc/<pid>/stat` counts CPU time in clock ticks of 1/100 s
-/// (`sysconf(_SC_CLK_TCK)` on every Linux platform Rust supports).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 /// When each event reached the consumer, by its consign id.
 type Arrivals = Arc<Mutex<HashMap<Uuid, Instant>>>;
@@ -314,35 +310,35 @@ async fn idle_cost(pool: &PgPool, relay: u32, seconds: u64) -> Result<(f64, f64,
         .await?;
         anyhow::Ok(n)
     };
-    let before: Vec<u64> = backends
+    let before: Vec<f64> = backends
         .iter()
-        .map(|&pid| cpu_ticks(pid))
+        .map(|&pid| cpu_seconds(pid))
         .collect::<Result<_>>()?;
-    let relay_before = cpu_ticks(relay)?;
+    let relay_before = cpu_seconds(relay)?;
     let xacts_before = xacts().await?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     // A backend that ended counts what it had used: nothing, pessimistically 0.
-    let after: Vec<u64> = backends
+    let after: Vec<f64> = backends
         .iter()
-        .map(|&pid| cpu_ticks(pid).unwrap_or(0))
+        .map(|&pid| cpu_seconds(pid).unwrap_or(0.0))
         .collect();
-    let relay_after = cpu_ticks(relay)?;
+    let relay_after = cpu_seconds(relay)?;
     // Statistics reach pg_stat_database within a second of a transaction.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let xacts_after = xacts().await?;
     let elapsed = started.elapsed().as_secs_f64();
-    let used: u64 = after
+    let used: f64 = after
         .iter()
         .zip(&before)
-        .map(|(a, b)| a.saturating_sub(*b))
+        .map(|(a, b)| (a - b).max(0.0))
         .sum();
-    let per_second = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1000.0 / elapsed;
+    let per_second = |seconds: f64| seconds * 1000.0 / elapsed;
     // Less ours: the first read of xact_commit.
     let xacts = (xacts_after - xacts_before - 1).max(0) as f64 / elapsed;
     Ok((
         per_second(used),
-        per_second(relay_after.saturating_sub(relay_before)),
+        per_second((relay_after - relay_before).max(0.0)),
         xacts,
     ))
 }
@@ -360,21 +356,4 @@ async fn relay_backends(pool: &PgPool) -> Result<Vec<u32>> {
         bail!("no PostgreSQL backend serves the relay");
     }
     Ok(pids.into_iter().map(i32::cast_unsigned).collect())
-}
-
-/// User and system CPU time of process `pid` in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses;
-    // utime and stime are fields 14 and 15 of the whole line.
-    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .context("short /proc/<pid>/stat")?
-            .parse()
-            .context("utime/stime")
-    };
-    Ok(field(11)? + field(12)?)
 }

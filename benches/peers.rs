@@ -56,7 +56,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use consign::{Message, Outbox};
-use consign_test_support::KafkaCluster;
+use consign_test_support::{KafkaCluster, procfs};
 use hdrhistogram::Histogram;
 use rdkafka::{
     ClientConfig, Message as _, Offset, TopicPartitionList,
@@ -403,6 +403,25 @@ impl Bench {
         )
     }
 
+    /// Where `system` keeps its position across a restart: nothing for
+    /// consign (the outbox is its position), a new slot and offsets file
+    /// for Debezium.
+    async fn position(&self, system: System) -> Result<Option<DebeziumState>> {
+        Ok(match system {
+            System::Consign => None,
+            System::Debezium => Some(self.debezium_state().await?),
+        })
+    }
+
+    /// Starts `system` with a fresh position and returns once it
+    /// delivered a first event ([`warm_up`]).
+    async fn start_warm(&self, system: System) -> Result<(Peer, Option<DebeziumState>)> {
+        let state = self.position(system).await?;
+        let mut peer = self.start(system, state.as_ref())?;
+        warm_up(self, system, &mut peer).await?;
+        Ok((peer, state))
+    }
+
     /// A new slot for Debezium, created now: the connector reads what
     /// commits after this point.
     async fn debezium_state(&self) -> Result<DebeziumState> {
@@ -534,7 +553,10 @@ impl Peer {
 
     /// CPU seconds (user + system) and peak RSS in MiB so far.
     fn usage(&self) -> Result<Usage> {
-        process_usage(self.pid())
+        Ok(Usage {
+            cpu_seconds: procfs::cpu_seconds(self.pid())?,
+            peak_rss_mib: procfs::peak_rss_kib(self.pid())? as f64 / 1024.0,
+        })
     }
 
     /// SIGKILL, no chance to flush anything.
@@ -592,58 +614,25 @@ struct Usage {
     peak_rss_mib: f64,
 }
 
-fn clock_ticks() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64)
-}
-
-fn cpu_seconds_of(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-fn process_usage(pid: u32) -> Result<Usage> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/<pid>/status")?;
-    Ok(Usage {
-        cpu_seconds: cpu_seconds_of(&pid.to_string()).context("reading /proc/<pid>/stat")?,
-        peak_rss_mib: peak_kib / 1024.0,
-    })
-}
-
 /// CPU seconds of each PostgreSQL process on this machine so far.
-fn postgres_cpu() -> HashMap<String, f64> {
+fn postgres_cpu() -> HashMap<u32, f64> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return HashMap::new();
     };
     entries
-        .filter_map(|entry| {
-            let name = entry.ok()?.file_name().into_string().ok()?;
-            name.bytes().all(|b| b.is_ascii_digit()).then_some(name)
-        })
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim_end() == "postgres")
         })
-        .filter_map(|pid| cpu_seconds_of(&pid).map(|cpu| (pid, cpu)))
+        .filter_map(|pid| Some((pid, procfs::cpu_seconds(pid).ok()?)))
         .collect()
 }
 
 /// PostgreSQL's CPU seconds since `before` ([`postgres_cpu`]): what its
 /// processes alive now used since then (a backend that exited meanwhile is
 /// not counted).
-fn postgres_cpu_since(before: &HashMap<String, f64>) -> f64 {
+fn postgres_cpu_since(before: &HashMap<u32, f64>) -> f64 {
     postgres_cpu()
         .iter()
         .map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0))
@@ -973,10 +962,7 @@ async fn drain(bench: &Bench, backlog: u64, table: &mut Table) -> Result<()> {
 async fn drain_once(bench: &Bench, system: System, backlog: u64) -> Result<DrainRun> {
     let topic = bench.fresh(&format!("peers_drain_{}", system.name()));
     bench.kafka.create_topic(&topic, PARTITIONS).await?;
-    let state = match system {
-        System::Consign => None,
-        System::Debezium => Some(bench.debezium_state().await?),
-    };
+    let state = bench.position(system).await?;
     let ids = fill(bench, system, &topic, backlog).await?;
     let reader = Reader::start(bench.kafka.bootstrap(), &topic, system).await?;
     let profile = std::env::var_os("BENCH_PEERS_PG_PROFILE").is_some();
@@ -1211,12 +1197,8 @@ async fn steady(bench: &Bench, rates: &[u64], table: &mut Table) -> Result<()> {
     let mut results: Vec<Vec<Steady>> = Vec::new();
     let mut usages = Vec::new();
     for system in System::BOTH {
-        let state = match system {
-            System::Consign => None,
-            System::Debezium => Some(bench.debezium_state().await?),
-        };
-        let mut peer = bench.start(system, state.as_ref())?;
-        warm_up(bench, system, &mut peer).await?;
+        // The position (Debezium's offsets directory) lives as long as the process.
+        let (mut peer, _position) = bench.start_warm(system).await?;
         let pg_before = postgres_cpu();
         let cpu_before = peer.usage()?.cpu_seconds;
         let mut row = Vec::new();
@@ -1455,12 +1437,7 @@ async fn recovery(bench: &Bench, table: &mut Table) -> Result<()> {
     let mut resumes = Vec::new();
     let mut duplicates = Vec::new();
     for system in System::BOTH {
-        let state = match system {
-            System::Consign => None,
-            System::Debezium => Some(bench.debezium_state().await?),
-        };
-        let mut peer = bench.start(system, state.as_ref())?;
-        warm_up(bench, system, &mut peer).await?;
+        let (mut peer, state) = bench.start_warm(system).await?;
         let topic = bench.fresh(&format!("peers_recovery_{}", system.name()));
         bench.kafka.create_topic(&topic, PARTITIONS).await?;
         let reader = Reader::start(bench.kafka.bootstrap(), &topic, system).await?;

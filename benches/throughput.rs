@@ -307,7 +307,7 @@ async fn relay_process(pool: &PgPool, kind: Kind, broker: &TestBroker) -> Result
     let mut relay = RelayProcess::start(&config)?;
     wait_empty(pool, Duration::from_millis(50)).await?;
     let elapsed = started.elapsed();
-    let peak = peak_rss_kib(relay.id())?;
+    let peak = consign_test_support::procfs::peak_rss_kib(relay.id())?;
     relay.stop(Duration::from_secs(30)).await?;
     println!(
         "    {:<40} {:>9.0} events/s   (process start to empty outbox)",
@@ -333,16 +333,6 @@ async fn wait_empty(pool: &PgPool, every: Duration) -> Result<()> {
         }
         tokio::time::sleep(every).await;
     }
-}
-
-/// Peak resident set size of process `pid` in KiB (`VmHWM`).
-fn peak_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/<pid>/status")
 }
 
 /// The ceiling: the relay's producer settings, the same records and headers,

@@ -22,6 +22,7 @@ pub mod effects;
 mod kafka;
 pub mod net;
 mod process;
+pub mod procfs;
 mod reader;
 pub mod stream;
 pub mod tap;
