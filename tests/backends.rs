@@ -270,12 +270,7 @@ guarantee! {
         let kafka = MockKafka::start(1).unwrap();
         let topic = unique_topic("order");
         kafka.create_topic(&topic, 6).unwrap();
-        let relay = Relay::builder(db.relay_pool())
-            .kafka("bootstrap.servers", kafka.bootstrap())
-            .settings(fast_relay_settings())
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = spawn_relay(db, &kafka, fast_relay_settings());
         let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
         let writers = (0..4).map(|w| {
             db.write_stream(
@@ -423,12 +418,7 @@ guarantee! {
             .unwrap();
         let mut settings = fast_relay_settings();
         settings.archive = true;
-        let relay = Relay::builder(db.relay_pool())
-            .kafka("bootstrap.servers", kafka.bootstrap())
-            .settings(settings)
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = spawn_relay(db, &kafka, settings);
         db.enqueue(&[
             Message::new(&bad, "Refused", b"1".to_vec()).with_key("k"),
             Message::new(&good, "Accepted", b"2".to_vec()).with_key("k"),
@@ -734,12 +724,7 @@ guarantee! {
         }
         let mut settings = fast_relay_settings();
         settings.batch_size = u32::try_from(ROWS).unwrap();
-        let relay = Relay::builder(db.relay_pool())
-            .kafka("bootstrap.servers", kafka.bootstrap())
-            .settings(settings)
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = spawn_relay(db, &kafka, settings);
         db.wait_drained(WAIT).await.unwrap();
         let stats = relay.stats();
         relay.shutdown().await.unwrap();
@@ -767,12 +752,7 @@ guarantee! {
         let second_id = second.id();
         db.enqueue(&[second, keyless, other]).await.unwrap();
 
-        let relay = Relay::builder(db.relay_pool())
-            .kafka("bootstrap.servers", kafka.bootstrap())
-            .settings(fast_relay_settings())
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = spawn_relay(db, &kafka, fast_relay_settings());
         let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
         reader.read_distinct(2, WAIT).await.unwrap();
         // A few more rounds: the held rows must still be waiting.
@@ -798,6 +778,20 @@ guarantee! {
         assert!(reader.received().iter().any(|r| r.id() == Some(second_id)));
         relay.shutdown().await.unwrap();
     }
+}
+
+/// A relay on `db` publishing to `kafka` with `settings`, running.
+fn spawn_relay(
+    db: &TestDb,
+    kafka: &MockKafka,
+    settings: consign::relay::RelaySettings,
+) -> consign::relay::RelayHandle {
+    Relay::builder(db.relay_pool())
+        .kafka("bootstrap.servers", kafka.bootstrap())
+        .settings(settings)
+        .build()
+        .unwrap()
+        .spawn()
 }
 
 /// Settings whose ordinary polling would take 10 s to notice a new row:
@@ -831,12 +825,7 @@ guarantee! {
         let kafka = MockKafka::start(1).unwrap();
         let topic = unique_topic("probe");
         kafka.create_topic(&topic, 6).unwrap();
-        let relay = Relay::builder(db.relay_pool())
-            .kafka("bootstrap.servers", kafka.bootstrap())
-            .settings(slow_polls_with_probe(Duration::from_millis(20)))
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = spawn_relay(db, &kafka, slow_polls_with_probe(Duration::from_millis(20)));
         let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
         // The first batch with leases ships this one; the relay then pauses 10 s.
         ship_one(db, &mut reader, &topic, WAIT).await;
@@ -860,12 +849,7 @@ guarantee! {
         let mut settings = fast_relay_settings();
         settings.max_poll_interval = Duration::from_millis(200);
         settings.idle_probe_interval = Duration::ZERO;
-        let relay = Relay::builder(db.relay_pool())
-            .kafka("bootstrap.servers", kafka.bootstrap())
-            .settings(settings)
-            .build()
-            .unwrap()
-            .spawn();
+        let relay = spawn_relay(db, &kafka, settings);
         let mut reader = TopicReader::new(kafka.bootstrap(), &topic).unwrap();
         for _ in 0..4 {
             ship_one(db, &mut reader, &topic, WAIT).await;
