@@ -102,6 +102,14 @@ impl System {
         }
     }
 
+    /// Whether `BENCH_PEERS_SYSTEMS` (default both) names this system: one
+    /// system alone is for profiling, its rows show the other as missing.
+    fn selected(self) -> bool {
+        std::env::var("BENCH_PEERS_SYSTEMS").map_or(true, |list| {
+            list.split(',').any(|s| s.trim() == self.name())
+        })
+    }
+
     /// The Kafka header that carries the event id.
     fn id_header(self) -> &'static str {
         match self {
@@ -308,6 +316,8 @@ enum Figure {
     Valid(f64),
     /// Measured, but the run lost or reordered events.
     Invalid(f64),
+    /// Not measured: `BENCH_PEERS_SYSTEMS` left the system out.
+    NotRun,
 }
 
 impl Figure {
@@ -332,6 +342,7 @@ impl Figure {
         match self {
             Self::Valid(x) => format!("{} {unit}", number(x)),
             Self::Invalid(x) => format!("INVALID {} {unit}", number(x)),
+            Self::NotRun => "not run".into(),
         }
     }
 }
@@ -922,12 +933,22 @@ async fn drain(bench: &Bench, backlog: u64, table: &mut Table) -> Result<()> {
     let mut runs: [Vec<DrainRun>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..rounds {
         for (i, system) in System::BOTH.into_iter().enumerate() {
-            runs[i].push(drain_once(bench, system, backlog).await?);
+            if system.selected() {
+                runs[i].push(drain_once(bench, system, backlog).await?);
+            }
         }
     }
     // The median round by rate; a figure counts only if every round was
     // correct.
     let median = |runs: &[DrainRun]| {
+        if runs.is_empty() {
+            return (
+                Figure::NotRun,
+                Figure::NotRun,
+                Figure::NotRun,
+                Figure::NotRun,
+            );
+        }
         let mut sorted: Vec<&DrainRun> = runs.iter().collect();
         sorted.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         let all_ok = runs.iter().all(|r| r.check.ok());
