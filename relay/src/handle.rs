@@ -41,6 +41,8 @@ pub(crate) struct Stats {
     errors: AtomicU64,
     fenced: AtomicU64,
     partitions: AtomicU64,
+    above_floor: AtomicU64,
+    read_ahead: AtomicU64,
 }
 
 impl Stats {
@@ -64,6 +66,15 @@ impl Stats {
         self.partitions.store(partitions, Ordering::Relaxed);
     }
 
+    /// A batch read that started above the floor; `ahead`: while the
+    /// previous batch was being acknowledged.
+    pub(crate) fn record_floor_read(&self, ahead: bool) {
+        self.above_floor.fetch_add(1, Ordering::Relaxed);
+        if ahead {
+            self.read_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn record_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::BATCH_ERRORS).increment(1);
@@ -77,6 +88,8 @@ impl Stats {
             errors: self.errors.load(Ordering::Relaxed),
             fenced: self.fenced.load(Ordering::Relaxed),
             partitions: self.partitions.load(Ordering::Relaxed),
+            reads_above_floor: self.above_floor.load(Ordering::Relaxed),
+            reads_ahead: self.read_ahead.load(Ordering::Relaxed),
         }
     }
 }
@@ -99,6 +112,13 @@ pub struct RelayStats {
     pub fenced: u64,
     /// Outbox partitions the relay published in its latest batch.
     pub partitions: u64,
+    /// Batch reads that started above the rows already read instead of at
+    /// the start of the outbox (PostgreSQL, when every lower `seq` belongs
+    /// to an ended transaction; see the relay's module `floor`).
+    pub reads_above_floor: u64,
+    /// Of those, batches read and sent while the broker still acknowledged
+    /// the previous one.
+    pub reads_ahead: u64,
 }
 
 /// A relay running on its own task, from [`Relay::spawn`](crate::Relay::spawn).

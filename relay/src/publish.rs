@@ -8,7 +8,7 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{
-        DeliveryFuture, FutureProducer, FutureRecord, Producer,
+        DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig,
         future_producer::OwnedDeliveryResult,
     },
 };
@@ -96,9 +96,16 @@ impl Publisher {
         shutdown: &CancellationToken,
         grace: Duration,
     ) -> Vec<Outcome> {
+        self.send_batch(rows).await.wait(shutdown, grace).await
+    }
+
+    /// The first half of [`publish`](Self::publish): enqueues every row
+    /// (in order) and returns without waiting for the broker, so the relay
+    /// can read its next batch meanwhile.
+    pub(crate) async fn send_batch(&self, rows: &[&OutboxRow]) -> Sent {
         let mut outcomes = vec![Outcome::Unknown; rows.len()];
         let mut held: HashSet<(&str, &str)> = HashSet::new();
-        let mut pending = FuturesUnordered::new();
+        let mut pending = Vec::new();
         for (index, row) in rows.iter().enumerate() {
             if self.transactional && outcomes.iter().any(Outcome::is_failed) {
                 break;
@@ -110,7 +117,7 @@ impl Publisher {
             }
             match self.send(row).await {
                 Ok(delivery) => {
-                    pending.push(async move { (index, delivery.await) });
+                    pending.push((index, delivery));
                     // A row being retried goes alone: its key's later rows
                     // wait for its acknowledgement (next batch), so a second
                     // refusal cannot let them ahead of it.
@@ -130,30 +137,12 @@ impl Publisher {
                 }
             }
         }
-        tracing::debug!(
-            produced = pending.len(),
-            "batch produced; waiting for acknowledgements"
-        );
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                next = pending.next() => match next {
-                    Some((index, result)) => {
-                        outcomes[index] = delivery_outcome(result);
-                        if self.transactional && outcomes[index].is_failed() {
-                            break;
-                        }
-                    }
-                    None => break,
-                },
-                () = &mut deadline => break,
-            }
+        tracing::debug!(produced = pending.len(), "batch produced");
+        Sent {
+            outcomes,
+            pending,
+            transactional: self.transactional,
         }
-        outcomes
     }
 
     /// Enqueues one row in the producer, waiting while its queue is full.
@@ -177,6 +166,11 @@ impl Publisher {
         }
     }
 
+    /// Whether librdkafka declared the producer unusable.
+    pub(crate) fn is_fatal(&self) -> bool {
+        self.producer.client().fatal_error().is_some()
+    }
+
     /// Replaces the producer if librdkafka declared it unusable (e.g. the
     /// broker refused a message and `enable.gapless.guarantee` stopped it).
     /// Returns the reason.
@@ -185,6 +179,9 @@ impl Publisher {
             return Ok(None);
         };
         let old = std::mem::replace(&mut self.producer, self.config.create()?);
+        // Its messages fail now (as purged: unknown, sent again), so that
+        // no delivery report is left waiting on a producer that is gone.
+        old.purge(PurgeConfig::default().queue().inflight());
         // Dropping it purges, flushes and joins librdkafka's threads: not
         // on an async worker.
         tokio::task::spawn_blocking(move || drop(old));
@@ -202,6 +199,59 @@ impl Publisher {
             }
             Err(error) => tracing::warn!(%error, "producer flush task failed"),
         }
+    }
+}
+
+/// A batch enqueued in the producer, its acknowledgements still to come
+/// (see [`Publisher::send_batch`]).
+pub(crate) struct Sent {
+    /// Known so far: rows refused or held back while sending.
+    outcomes: Vec<Outcome>,
+    /// Each sent row's index and delivery report.
+    pending: Vec<(usize, DeliveryFuture)>,
+    transactional: bool,
+}
+
+impl Sent {
+    /// Whether every row went to the producer (none refused at once or
+    /// held back behind a refused or retried row of its key).
+    pub(crate) fn all_sent(&self) -> bool {
+        self.pending.len() == self.outcomes.len()
+    }
+
+    /// Waits for every acknowledgement; if `shutdown` fires, at most
+    /// `grace` more. Rows without an answer by then are
+    /// [`Outcome::Unknown`].
+    pub(crate) async fn wait(self, shutdown: &CancellationToken, grace: Duration) -> Vec<Outcome> {
+        let Self {
+            mut outcomes,
+            pending,
+            transactional,
+        } = self;
+        let mut pending: FuturesUnordered<_> = pending
+            .into_iter()
+            .map(|(index, delivery)| async move { (index, delivery.await) })
+            .collect();
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = pending.next() => match next {
+                    Some((index, result)) => {
+                        outcomes[index] = delivery_outcome(result);
+                        if transactional && outcomes[index].is_failed() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                () = &mut deadline => break,
+            }
+        }
+        outcomes
     }
 }
 

@@ -3,8 +3,9 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+mod floor;
 mod idle;
 mod settle;
 
@@ -14,8 +15,8 @@ use crate::{
     deadline::Db,
     handle::{RelayHandle, Stats, Waker},
     health::{Health, Sampler},
-    lease::{self, Coordinator, Ownership},
-    publish::{Outcome, Publisher},
+    lease::{self, Coordinator, Owned, Ownership},
+    publish::{Outcome, Publisher, Sent},
     store::{OutboxRow, RelayStore as _},
     txn::Transactional,
 };
@@ -29,6 +30,13 @@ use crate::{
 /// statement and record errors on the refused ones. A crash at any point
 /// leaves unacknowledged rows in the table; they are sent again (duplicates,
 /// never loss) and the inbox drops the duplicates.
+///
+/// On PostgreSQL, while every lower `seq` belongs to an ended transaction,
+/// a batch read starts above the rows already read rather than at the start
+/// of the outbox (whose index holds the entries of every row deleted since
+/// the last vacuum), and the next full batch is read and sent while the
+/// broker acknowledges the current one. Both only for rows whose order they
+/// cannot change; see the module `floor` (`relay/src/relay/floor.rs`).
 ///
 /// Several relays (processes or tasks) can run on one outbox: they divide its
 /// 32 partitions through leases, see [`lease`](crate::lease).
@@ -54,6 +62,21 @@ pub struct Relay {
     /// Backlog gauges and dependency checks, run next to the relay.
     sampler: Option<Sampler>,
     health: Health,
+    /// Where the next batch read starts (see `relay/floor.rs`).
+    floor: floor::Floor,
+    /// A batch read and sent ahead while the previous one was acknowledged,
+    /// to be settled by the next round.
+    ahead: Option<InFlight>,
+}
+
+/// A batch sent with the shared producer, its acknowledgements pending.
+struct InFlight {
+    rows: Vec<OutboxRow>,
+    /// The leases its rows were read under.
+    owned: Owned,
+    /// The floor it was read above.
+    after: i64,
+    sent: Sent,
 }
 
 /// The producer(s): one shared idempotent producer, or one transactional
@@ -107,6 +130,8 @@ impl Relay {
             on_published,
             last_owned: vec![-1],
             newest_read: 0,
+            floor: floor::Floor::new(),
+            ahead: None,
         }
     }
 
@@ -180,6 +205,7 @@ impl Relay {
             .take()
             .map(|sampler| tokio::spawn(sampler.run(stop_coordinator.clone())));
         let result = self.publish_until(&shutdown).await;
+        self.settle_ahead(&shutdown).await;
         stop_coordinator.cancel();
         if let Err(error) = coordinator.await {
             warn!(%error, "lease coordinator task failed");
@@ -228,7 +254,7 @@ impl Relay {
                 }
                 Ok(Some(fetched)) => {
                     error_delays = consign_outbox::backoff::outage();
-                    if fetched == self.batch_limit() {
+                    if fetched == self.batch_limit() || self.ahead.is_some() {
                         pause = self.settings.poll_interval;
                         continue;
                     }
@@ -241,6 +267,7 @@ impl Relay {
                 }
                 Err(Error::Kafka(error)) => return Err(Error::Kafka(error)),
                 Err(error) => {
+                    self.floor.reset();
                     self.stats.record_error();
                     let delay = error_delays.next().unwrap_or(Duration::from_secs(5));
                     log_batch_error(&error, delay);
@@ -279,8 +306,14 @@ impl Relay {
 
     /// Releases surplus leases, then one read → produce → acknowledge →
     /// delete round. Returns the number of rows read, or `None` when the
-    /// relay holds no partition.
+    /// relay holds no partition. With the shared producer, a full batch
+    /// may have its successor read and sent while the broker acknowledges
+    /// it (see [`finish`](Self::finish)); the next round settles that one
+    /// first.
     async fn batch(&mut self, shutdown: &CancellationToken) -> Result<Option<usize>> {
+        if let Some(ahead) = self.ahead.take() {
+            return self.finish(ahead, shutdown).await.map(Some);
+        }
         self.release_surplus().await?;
         let mut owned = self.ownership.current();
         if let Publishers::PerPartition(transactional) = &mut self.publisher {
@@ -294,35 +327,33 @@ impl Relay {
         if owned.is_empty() {
             return Ok(None);
         }
-        let limit = i64::from(self.settings.batch_size);
-        let max_bytes = i64::try_from(self.settings.batch_max_bytes).unwrap_or(i64::MAX);
-        let partitions: Vec<i16> = owned.keys().copied().collect();
-        let rows = self
-            .db
-            .run(async |conn| conn.fetch_batch(&partitions, limit, max_bytes).await)
-            .await?;
+        self.observe_horizon(&owned).await?;
+        let after = self.floor.start(&owned, self.settings.max_poll_interval);
+        let rows = self.read(&owned, after, false).await?;
         tracing::Span::current().record("fetched", rows.len());
-        if let Some(newest) = rows.iter().map(|row| row.seq).max() {
-            self.read_up_to(newest);
-        }
         let drained = rows.len() < self.batch_limit();
         if rows.is_empty() {
             if let Publishers::PerPartition(transactional) = &self.publisher {
                 transactional.nothing_to_do(owned.keys());
             }
+            self.floor.settled(after, None, true);
             return Ok(Some(0));
         }
         metrics::histogram!(crate::metrics::BATCH_ROWS)
             .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
         let grace = self.settings.shutdown_timeout;
         let produce = info_span!("consign.relay.produce", rows = rows.len());
-        let outcomes = match &mut self.publisher {
+        match &mut self.publisher {
             Publishers::Shared(publisher) => {
                 let refs: Vec<&OutboxRow> = rows.iter().collect();
-                publisher
-                    .publish(&refs, shutdown, grace)
-                    .instrument(produce)
-                    .await
+                let sent = publisher.send_batch(&refs).instrument(produce).await;
+                let batch = InFlight {
+                    rows,
+                    owned,
+                    after,
+                    sent,
+                };
+                self.finish(batch, shutdown).await.map(Some)
             }
             Publishers::PerPartition(transactional) => {
                 let (outcomes, fenced) = transactional
@@ -330,15 +361,41 @@ impl Relay {
                     .instrument(produce)
                     .await;
                 self.ownership.forget(&fenced);
-                outcomes
+                self.settle(&rows, &outcomes, &owned).await?;
+                self.floor
+                    .settled(after, newest(&rows), all_delivered(&outcomes));
+                Ok(Some(rows.len()))
             }
-        };
-        self.settle(&rows, &outcomes, &owned).await?;
+        }
+    }
+
+    /// Reads the batch after `batch` and sends it if it may (see
+    /// [`read_ahead`](Self::read_ahead)), then waits for `batch`'s
+    /// acknowledgements and settles it. Returns its number of rows.
+    async fn finish(&mut self, batch: InFlight, shutdown: &CancellationToken) -> Result<usize> {
+        if batch.rows.len() == self.batch_limit()
+            && batch.sent.all_sent()
+            && !shutdown.is_cancelled()
+        {
+            self.read_ahead(&batch).await;
+        }
+        let count = batch.rows.len();
+        let mut refused = self.settle_sent(batch, shutdown).await?;
+        if let Publishers::Shared(publisher) = &self.publisher
+            && publisher.is_fatal()
+            && let Some(ahead) = self.ahead.take()
+        {
+            // The refusal that stopped the producer may be the batch read
+            // ahead's: settle it too before the producer goes (its answers
+            // come from the stopped producer; rows without one stay and are
+            // read again, behind the refused row).
+            refused |= self.settle_sent(ahead, shutdown).await?;
+        }
         if let Publishers::Shared(publisher) = &mut self.publisher
             && let Some(reason) = publisher.renew_if_fatal()?
         {
             error!(%reason, "Kafka producer hit a fatal error; created a new one");
-            if !outcomes.iter().any(|o| matches!(o, Outcome::Failed { .. })) {
+            if !refused {
                 // No row of ours caused it (e.g. the cluster refuses
                 // idempotence): back off like an outage, not a tight loop.
                 return Err(Error::Kafka(rdkafka::error::KafkaError::MessageProduction(
@@ -346,7 +403,143 @@ impl Relay {
                 )));
             }
         }
-        Ok(Some(rows.len()))
+        Ok(count)
+    }
+
+    /// Waits for a sent batch's acknowledgements (while the producer lives,
+    /// librdkafka answers every message within `message.timeout.ms`) and
+    /// settles it. Returns whether the broker or producer refused a row.
+    async fn settle_sent(&mut self, batch: InFlight, shutdown: &CancellationToken) -> Result<bool> {
+        let InFlight {
+            rows,
+            owned,
+            after,
+            sent,
+        } = batch;
+        let produce = info_span!("consign.relay.produce", rows = rows.len());
+        let outcomes = sent
+            .wait(shutdown, self.settings.shutdown_timeout)
+            .instrument(produce)
+            .await;
+        self.settle(&rows, &outcomes, &owned).await?;
+        self.floor
+            .settled(after, newest(&rows), all_delivered(&outcomes));
+        Ok(outcomes.iter().any(|o| matches!(o, Outcome::Failed { .. })))
+    }
+
+    /// Reads and sends the batch after `batch` while the broker still
+    /// acknowledges it, when the floor can start right above `batch`'s
+    /// rows (every row below is decided and none waits for a retry, see
+    /// `relay/floor.rs`) and the leases are unchanged. The order of a key's
+    /// rows across the two batches is the producer's: one partition's
+    /// messages go in order, and with `enable.gapless.guarantee` a refused
+    /// one stops the producer before a later one is written (those come
+    /// back unknown and are sent again after it). A failed read is left to
+    /// the next round.
+    async fn read_ahead(&mut self, batch: &InFlight) {
+        let Some(newest) = newest(&batch.rows) else {
+            return;
+        };
+        if !self.ownership.to_release().is_empty() || self.ownership.current() != batch.owned {
+            return;
+        }
+        if let Err(error) = self.observe_horizon(&batch.owned).await {
+            debug!(%error, "could not read ahead; the next round reads instead");
+            return;
+        }
+        let Some(after) = self.floor.ahead(batch.after, newest) else {
+            return;
+        };
+        let rows = match self.read(&batch.owned, after, true).await {
+            Ok(rows) if !rows.is_empty() => rows,
+            Ok(_) => return,
+            Err(error) => {
+                debug!(%error, "could not read ahead; the next round reads instead");
+                return;
+            }
+        };
+        let Publishers::Shared(publisher) = &self.publisher else {
+            return;
+        };
+        metrics::histogram!(crate::metrics::BATCH_ROWS)
+            .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
+        let refs: Vec<&OutboxRow> = rows.iter().collect();
+        let produce = info_span!("consign.relay.produce", rows = rows.len());
+        let sent = publisher.send_batch(&refs).instrument(produce).await;
+        self.floor.read_ahead(after);
+        self.ahead = Some(InFlight {
+            rows,
+            owned: batch.owned.clone(),
+            after,
+            sent,
+        });
+    }
+
+    /// At shutdown: waits for the batch sent ahead (at most
+    /// `shutdown-timeout`) and settles it. If that fails its rows stay and
+    /// are sent again.
+    async fn settle_ahead(&mut self, shutdown: &CancellationToken) {
+        let Some(ahead) = self.ahead.take() else {
+            return;
+        };
+        let limit = self.settings.shutdown_timeout + SETTLE_AFTER_SHUTDOWN;
+        match tokio::time::timeout(limit, self.settle_sent(ahead, shutdown)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                warn!(%error, "could not settle the batch sent ahead; its rows are sent again");
+            }
+            Err(_) => warn!("the batch sent ahead did not settle in time; its rows are sent again"),
+        }
+    }
+
+    /// Reads the floor's horizon (PostgreSQL) before a batch read. A
+    /// database that refuses it (no right to read the outbox's sequence, a
+    /// version without `pg_current_snapshot`) turns the floor off.
+    async fn observe_horizon(&mut self, owned: &Owned) -> Result<()> {
+        if !self.floor.enabled() {
+            return Ok(());
+        }
+        let partitions: Vec<i16> = owned.keys().copied().collect();
+        let asked = tokio::time::Instant::now();
+        match self
+            .db
+            .run(async |conn| conn.horizon(&partitions).await)
+            .await
+        {
+            Ok(Some(horizon)) => {
+                self.floor
+                    .observe(horizon, asked, tokio::time::Instant::now());
+            }
+            Ok(None) => self.floor.disable(),
+            Err(Error::Database(sqlx::Error::Database(refused)))
+                if refused.code().is_some_and(|code| code.starts_with("42")) =>
+            {
+                warn!(error = %refused, "cannot read the outbox's horizon; every batch reads the outbox from its start");
+                self.floor.disable();
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(())
+    }
+
+    /// Reads up to a batch of rows of `owned`'s partitions above `after`
+    /// (`ahead`: while the previous batch is acknowledged).
+    async fn read(&mut self, owned: &Owned, after: i64, ahead: bool) -> Result<Vec<OutboxRow>> {
+        let limit = i64::from(self.settings.batch_size);
+        let max_bytes = i64::try_from(self.settings.batch_max_bytes).unwrap_or(i64::MAX);
+        let partitions: Vec<i16> = owned.keys().copied().collect();
+        let rows = self
+            .db
+            .run(async |conn| conn.fetch_batch(&partitions, limit, max_bytes, after).await)
+            .await?;
+        if let Some(newest) = newest(&rows) {
+            self.read_up_to(newest);
+        }
+        debug!(after, rows = rows.len(), "batch read");
+        if after > 0 {
+            self.stats.record_floor_read(ahead);
+        }
+        Ok(rows)
     }
 
     /// Gives up the partitions the coordinator marked as surplus. Runs
@@ -364,6 +557,15 @@ impl Relay {
         info!(?partitions, "released surplus partitions");
         Ok(())
     }
+}
+
+/// The highest `seq` of `rows`.
+fn newest(rows: &[OutboxRow]) -> Option<i64> {
+    rows.iter().map(|row| row.seq).max()
+}
+
+fn all_delivered(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().all(|o| matches!(o, Outcome::Delivered))
 }
 
 fn log_batch_error(error: &Error, delay: Duration) {

@@ -109,6 +109,21 @@ impl OutboxRow {
     }
 }
 
+/// The database's answer to [`RelayStore::horizon`], read in one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Horizon {
+    /// No transaction of the cluster was in progress, the outbox's sequence
+    /// hands out its numbers one at a time (no per-session cache), and no
+    /// user trigger runs on the outbox: every `seq` allocated more than a
+    /// moment ago belongs to a finished transaction.
+    pub(crate) quiet: bool,
+    /// The last `seq` the outbox's sequence handed out.
+    pub(crate) allocated: i64,
+    /// The lowest `seq` of a row that failed and waits for (or is due for)
+    /// its retry, in the partitions asked about.
+    pub(crate) first_failed: Option<i64>,
+}
+
 /// A failed publish attempt to record on its row.
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
@@ -153,13 +168,23 @@ pub(crate) trait RelayStore: Send {
     /// The next rows to publish from `partitions`, in `seq` order: at most
     /// `limit` rows and `max_bytes` of payload, key and headers (the first
     /// row always, however large). Skips rows waiting for a retry and every
-    /// later row of the same topic and key.
+    /// later row of the same topic and key. Only rows above `after` (0: all;
+    /// the relay's floor, see `relay/floor.rs`).
     fn fetch_batch(
         &mut self,
         partitions: &[i16],
         limit: i64,
         max_bytes: i64,
+        after: i64,
     ) -> impl Future<Output = sqlx::Result<Vec<OutboxRow>>> + Send;
+
+    /// What the relay's floor needs to know before a batch read (see
+    /// `relay/floor.rs`), or `None` where the backend does not tell
+    /// (MySQL, SQLite: they read from the start of the outbox every batch).
+    fn horizon(
+        &mut self,
+        partitions: &[i16],
+    ) -> impl Future<Output = sqlx::Result<Option<Horizon>>> + Send;
 
     /// The idle probe: the newest `seq` in the outbox above `after`, or
     /// `None` when there is none (in any partition: it is only a hint to

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, MySql, MySqlConnection, QueryBuilder};
 use uuid::Uuid;
 
-use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal, push_list};
+use super::{BacklogSample, Failure, Fence, Horizon, OutboxRow, RelayStore, Renewal, push_list};
 use crate::{
     lease::{Lease, Member},
     status::{Backlog, FailedRow},
@@ -86,6 +86,7 @@ impl RelayStore for MySqlConnection {
         partitions: &[i16],
         limit: i64,
         max_bytes: i64,
+        after: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
@@ -112,6 +113,7 @@ impl RelayStore for MySqlConnection {
              FROM consign_outbox o WHERE o.`partition` IN ",
         );
         push_list(&mut query, partitions.iter().copied());
+        query.push(" AND o.seq > ").push_bind(after);
         query.push(format!(
             " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= {NOW})"
         ));
@@ -139,6 +141,10 @@ impl RelayStore for MySqlConnection {
         query.push_bind(limit);
         let rows = query.build_query_as().fetch_all(self).await?;
         Ok(super::cap_bytes(rows, max_bytes))
+    }
+
+    async fn horizon(&mut self, _partitions: &[i16]) -> sqlx::Result<Option<Horizon>> {
+        Ok(None)
     }
 
     async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use uuid::Uuid;
 
-use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal};
+use super::{BacklogSample, Failure, Fence, Horizon, OutboxRow, RelayStore, Renewal};
 use crate::{
     lease::{Lease, Member},
     status::{Backlog, FailedRow},
@@ -156,8 +156,13 @@ impl RelayStore for Conn {
         partitions: &[i16],
         limit: i64,
         max_bytes: i64,
+        after: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
-        dispatch!(self, c => c.fetch_batch(partitions, limit, max_bytes).await)
+        dispatch!(self, c => c.fetch_batch(partitions, limit, max_bytes, after).await)
+    }
+
+    async fn horizon(&mut self, partitions: &[i16]) -> sqlx::Result<Option<Horizon>> {
+        dispatch!(self, c => c.horizon(partitions).await)
     }
 
     async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {

@@ -4,7 +4,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Connection as _, PgConnection, Postgres, Row as _, postgres::PgArguments};
 use uuid::Uuid;
 
-use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal};
+use super::{BacklogSample, Failure, Fence, Horizon, OutboxRow, RelayStore, Renewal};
 use crate::{
     lease::{Lease, Member},
     status::{Backlog, FailedRow},
@@ -22,8 +22,24 @@ SELECT topic, key, min(seq) FROM consign_outbox
 WHERE next_attempt_at > now() AND key IS NOT NULL AND partition = ANY($1)
 GROUP BY topic, key";
 
-/// Reads the next rows to publish from the owned partitions ($1), in `seq`
-/// order. Skips rows waiting for a retry, and every later row of a key
+/// The relay's floor (see `relay/floor.rs`), in one snapshot: whether no
+/// transaction of the cluster is in progress (`pg_current_snapshot()`'s
+/// in-progress list is empty), the outbox's sequence is not cached per
+/// session and no user trigger runs on the outbox; the sequence's last
+/// value; and the first row waiting for a retry in the owned partitions
+/// ($1), from the partial index of failed rows.
+const HORIZON: &str = "\
+SELECT NOT EXISTS (SELECT FROM pg_snapshot_xip(pg_current_snapshot()))
+       AND (SELECT s.seqcache = 1 FROM pg_sequence s WHERE s.seqrelid = q.seq)
+       AND NOT EXISTS (SELECT FROM pg_trigger t
+                       WHERE t.tgrelid = 'consign_outbox'::regclass AND NOT t.tgisinternal),
+       coalesce(pg_sequence_last_value(q.seq), 0),
+       (SELECT min(seq) FROM consign_outbox
+        WHERE next_attempt_at IS NOT NULL AND partition = ANY($1))
+FROM (SELECT pg_get_serial_sequence('consign_outbox', 'seq')::regclass AS seq) AS q";
+
+/// Reads the next rows to publish from the owned partitions ($1) above
+/// `seq` $7, in `seq` order. Skips rows waiting for a retry, and every later row of a key
 /// [`WAITING`] found ($4, $5, $6), so a key's events never overtake each
 /// other on a topic. At most $2 rows, and no more bytes than $3 (payload,
 /// key and headers) unless the first row alone is larger.
@@ -42,6 +58,7 @@ WITH candidates AS (
                + octet_length(o.headers::text) AS size
     FROM consign_outbox o
     WHERE o.partition = ANY($1)
+      AND o.seq > $7
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
       AND NOT EXISTS (
           SELECT 1 FROM unnest($4::text[], $5::text[], $6::int8[]) AS b(topic, key, seq)
@@ -166,6 +183,7 @@ impl RelayStore for PgConnection {
         partitions: &[i16],
         limit: i64,
         max_bytes: i64,
+        after: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
         let waiting: Vec<(String, String, i64)> = sqlx::query_as(WAITING)
             .bind(partitions)
@@ -186,8 +204,22 @@ impl RelayStore for PgConnection {
             .bind(topics)
             .bind(keys)
             .bind(seqs)
+            .bind(after)
             .fetch_all(self)
             .await
+    }
+
+    async fn horizon(&mut self, partitions: &[i16]) -> sqlx::Result<Option<Horizon>> {
+        let (quiet, allocated, first_failed): (Option<bool>, i64, Option<i64>) =
+            sqlx::query_as(HORIZON)
+                .bind(partitions)
+                .fetch_one(self)
+                .await?;
+        Ok(Some(Horizon {
+            quiet: quiet == Some(true),
+            allocated,
+            first_failed,
+        }))
     }
 
     async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {

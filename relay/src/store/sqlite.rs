@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::{BacklogSample, Failure, Fence, OutboxRow, RelayStore, Renewal, push_list};
+use super::{BacklogSample, Failure, Fence, Horizon, OutboxRow, RelayStore, Renewal, push_list};
 use crate::{
     lease::{Lease, Member},
     status::{Backlog, FailedRow},
@@ -87,6 +87,7 @@ impl RelayStore for SqliteConnection {
         partitions: &[i16],
         limit: i64,
         max_bytes: i64,
+        after: i64,
     ) -> sqlx::Result<Vec<OutboxRow>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
@@ -122,6 +123,7 @@ impl RelayStore for SqliteConnection {
       AND o.\"partition\" IN "
         ));
         push_list(&mut query, partitions.iter().copied());
+        query.push("\n      AND o.seq > ").push_bind(after);
         query.push("\n    ORDER BY o.seq LIMIT ");
         query.push_bind(limit);
         query.push(
@@ -137,6 +139,10 @@ WHERE upto <= ",
         query.push_bind(max_bytes);
         query.push(" OR upto = size ORDER BY seq");
         query.build_query_as().fetch_all(self).await
+    }
+
+    async fn horizon(&mut self, _partitions: &[i16]) -> sqlx::Result<Option<Horizon>> {
+        Ok(None)
     }
 
     async fn newest_seq(&mut self, after: i64) -> sqlx::Result<Option<i64>> {
