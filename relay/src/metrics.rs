@@ -59,7 +59,10 @@ pub const BATCH_BUCKETS: &[f64] = &[
 /// texts). The `consign-relay` binary calls it after installing its
 /// Prometheus recorder; call it after installing yours.
 pub fn describe() {
-    describe_gauge!(OUTBOX_PENDING_ROWS, "Rows waiting in the outbox");
+    describe_gauge!(
+        OUTBOX_PENDING_ROWS,
+        "Rows waiting in the outbox (PostgreSQL: exact up to 100,000; above, the span of their seq numbers)"
+    );
     describe_gauge!(
         OUTBOX_OLDEST_PENDING_AGE,
         Unit::Seconds,
