@@ -428,3 +428,72 @@ async fn a_message_after_a_swallowed_error_is_not_blamed_for_it(pool: PgPool) {
         "the message that swallowed the error is the one dead-lettered"
     );
 }
+
+/// Two transactions record the same message at once (a consumer that lost
+/// the partition finishing its batch while the new owner starts): the
+/// second waits on the first's uncommitted record and, once it commits,
+/// takes the message as a duplicate, without calling the handler, and
+/// handles the rest of its batch.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn a_message_recorded_by_a_concurrent_batch_is_a_duplicate(pool: PgPool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tokio::sync::{Notify, Semaphore};
+
+    setup(&pool).await;
+    let topic = unique_topic("race");
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = inbox(&pool);
+    let handler = {
+        let (entered, gate, calls) = (entered.clone(), gate.clone(), calls.clone());
+        service_fn(move |delivery: Delivery| {
+            let (entered, gate, calls) = (entered.clone(), gate.clone(), calls.clone());
+            async move {
+                calls.fetch_add(1, SeqCst);
+                if delivery.message().offset == 0 {
+                    // Holds the first batch's transaction open.
+                    entered.notify_one();
+                    let _permit = gate.acquire().await?;
+                }
+                effects::record(delivery).await
+            }
+        })
+    };
+    let first = one(&topic, 0, 1, 1);
+    let holding = tokio::spawn(ServiceExt::<Vec<Received>>::oneshot(
+        layer.layer(handler.clone()),
+        vec![first.clone()],
+    ));
+    entered.notified().await;
+    let mut again = first;
+    again.offset = 1;
+    let racing = tokio::spawn(ServiceExt::<Vec<Received>>::oneshot(
+        layer.layer(handler),
+        vec![again, one(&topic, 2, 2, 1)],
+    ));
+    // The second batch's first statement waits on the first's record.
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.add_permits(1);
+    let held = holding.await.unwrap().unwrap();
+    let raced = racing.await.unwrap().unwrap();
+    assert_eq!(held.handled, 1, "{held:?}");
+    assert_eq!((raced.handled, raced.duplicates), (1, 1), "{raced:?}");
+    assert_eq!(
+        calls.load(SeqCst),
+        2,
+        "the duplicate's handler is not called"
+    );
+    let t = tally(&pool).await.unwrap();
+    assert_eq!((t.effects, t.distinct), (2, 2), "{t:?}");
+}
