@@ -53,13 +53,18 @@ where
     if messages.is_empty() {
         return Ok(Ok(BatchOutcome::default()));
     }
+    let mut tx = shared.pool.begin().await?;
     let valid: Vec<Uuid> = messages
         .iter()
         .zip(ids)
         .filter(|(message, _)| !for_another_consumer(shared, message))
         .filter_map(|(_, id)| id.as_ref().ok().copied())
         .collect();
-    let (mut tx, mut new) = begin_recorded(shared, &valid).await?;
+    let mut new = if valid.is_empty() {
+        HashSet::new()
+    } else {
+        tx.record_ids(&shared.consumer, &valid).await?
+    };
     let mut outcome = BatchOutcome::default();
     // Dead-lettered once every handler has succeeded, so that a rollback
     // cannot leave a copy on the dead-letter topic.
@@ -136,29 +141,6 @@ where
             Ok(Err(None))
         }
     }
-}
-
-/// Begins the batch's transaction and records `ids` in it; returns it and
-/// the ids that were new. When another transaction committed a record of
-/// one of them while the first statement waited on it (a consumer that lost
-/// the partition finishing its batch), that transaction is rolled back and
-/// the ids are recorded again in a new one, by the statement that takes such
-/// records as duplicates.
-async fn begin_recorded<DB: InboxBackend>(
-    shared: &Shared<DB>,
-    ids: &[Uuid],
-) -> Result<(Transaction<'static, DB>, HashSet<Uuid>), InboxError> {
-    let mut tx = shared.pool.begin().await?;
-    if ids.is_empty() {
-        return Ok((tx, HashSet::new()));
-    }
-    if let Some(new) = tx.record_new_ids(&shared.consumer, ids).await? {
-        return Ok((tx, new));
-    }
-    rollback(tx).await;
-    let mut tx = shared.pool.begin().await?;
-    let new = tx.record_ids(&shared.consumer, ids).await?;
-    Ok((tx, new))
 }
 
 /// Dead-letters the batch's messages without id, records the next offset

@@ -125,20 +125,6 @@ pub trait InboxStore: Send {
         ids: &[Uuid],
     ) -> impl Future<Output = sqlx::Result<HashSet<Uuid>>> + Send;
 
-    /// Records `ids` (repeats allowed) as the first statement of a batch's
-    /// transaction; returns those that were new, or `None` when the
-    /// statement met a record of one of them that another transaction
-    /// committed meanwhile: this transaction has then failed, and the caller
-    /// records the ids with [`record_ids`](Self::record_ids) in a new one.
-    /// A backend with nothing cheaper than `record_ids` uses it.
-    fn record_new_ids(
-        &mut self,
-        consumer: &str,
-        ids: &[Uuid],
-    ) -> impl Future<Output = sqlx::Result<Option<HashSet<Uuid>>>> + Send {
-        async move { self.record_ids(consumer, ids).await.map(Some) }
-    }
-
     /// Whether the transaction that [`record_ids`](Self::record_ids) began
     /// is still open. MySQL ends a transaction by itself on a deadlock
     /// (later statements then run in autocommit), so after each handler the

@@ -72,48 +72,6 @@ impl InboxStore for PgConnection {
         Ok(new.into_iter().collect())
     }
 
-    /// Without `ON CONFLICT`, whose speculative insertion writes a third
-    /// WAL record per row (1,505 against 1,005 for 500 ids) and took 4.8 to
-    /// 9.1 ms against 4.4 to 4.6 ms per 500 ids (`EXPLAIN ANALYZE`, 2-core
-    /// test machine under load). The rows are filtered against the
-    /// committed records instead, one primary-key probe per id (`OFFSET 0`
-    /// keeps the filter a per-row probe: as an anti-join, a planner with
-    /// stale statistics may hash the consumer's every record); a record
-    /// another transaction commits while this one waits on it fails the
-    /// insert (23505), and the caller records again with
-    /// [`record_ids`](InboxStore::record_ids). The new ids come back as one
-    /// array, not a row each.
-    async fn record_new_ids(
-        &mut self,
-        consumer: &str,
-        ids: &[Uuid],
-    ) -> sqlx::Result<Option<HashSet<Uuid>>> {
-        let mut ids = ids.to_vec();
-        // Unique (a row inserted by this statement is not seen by its own
-        // filter) and in index order.
-        ids.sort_unstable();
-        ids.dedup();
-        let inserted = sqlx::query_scalar(
-            "WITH new AS (
-                 INSERT INTO consign_inbox (consumer, message_id)
-                 SELECT $1, id FROM unnest($2::uuid[]) AS t(id)
-                 WHERE NOT EXISTS (SELECT FROM consign_inbox AS i
-                                   WHERE i.consumer = $1 AND i.message_id = t.id
-                                   OFFSET 0)
-                 RETURNING message_id)
-             SELECT coalesce(array_agg(message_id), '{}') FROM new",
-        )
-        .bind(consumer)
-        .bind(&ids)
-        .fetch_one(self)
-        .await;
-        match inserted {
-            Ok(new) => Ok(Some(Vec::<Uuid>::into_iter(new).collect())),
-            Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Ok(None),
-            Err(error) => Err(error),
-        }
-    }
-
     async fn record_offset(
         &mut self,
         group: &str,
