@@ -56,10 +56,10 @@ SELECT (SELECT count(*) FROM (SELECT FROM consign_outbox LIMIT $1) AS capped),
        (SELECT count(*) FROM consign_outbox
         WHERE next_attempt_at IS NOT NULL AND last_error IS NOT NULL)";
 
-/// Reads the next rows to publish from the owned partitions ($1) above
-/// `seq` $7, in `seq` order. Skips rows waiting for a retry, and every later row of a key
-/// [`WAITING`] found ($4, $5, $6), so a key's events never overtake each
-/// other on a topic. At most $2 rows, and no more bytes than $3 (payload,
+/// Reads the next rows to publish from the owned partitions ($1) above the
+/// floor, in `seq` order. Skips rows waiting for a retry, and ([`FETCH`])
+/// every later row of a key [`WAITING`] found, so a key's events never
+/// overtake each other on a topic. At most $2 rows, and no more bytes than $3 (payload,
 /// key and headers) unless the first row alone is larger.
 ///
 /// Two statements rather than one with the waiting keys as a CTE: without
@@ -68,20 +68,22 @@ SELECT (SELECT count(*) FROM (SELECT FROM consign_outbox LIMIT $1) AS capped),
 /// 367 ms per batch on 200k rows; against the small array it scans the
 /// primary key in `seq` order and stops at the limit (2 ms), with or without
 /// statistics.
-const FETCH: &str = "\
-WITH candidates AS (
+macro_rules! fetch {
+    ($after:literal, $waiting:literal) => {
+        concat!(
+            "WITH candidates AS (
     SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
            o.traceparent, o.tracestate, o.created_at, o.attempts,
            octet_length(o.payload) + coalesce(octet_length(o.key), 0)
                + octet_length(o.headers::text) AS size
     FROM consign_outbox o
     WHERE o.partition = ANY($1)
-      AND o.seq > $7
-      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-      AND NOT EXISTS (
-          SELECT 1 FROM unnest($4::text[], $5::text[], $6::int8[]) AS b(topic, key, seq)
-          WHERE b.key = o.key AND b.topic = o.topic AND b.seq < o.seq
-      )
+      AND o.seq > ",
+            $after,
+            "
+      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())",
+            $waiting,
+            "
     ORDER BY o.seq
     LIMIT $2
 ), running AS (
@@ -91,7 +93,25 @@ SELECT seq, id, partition, topic, key, event_type, payload, headers,
        traceparent, tracestate, created_at, attempts
 FROM running
 WHERE upto <= $3 OR upto = size
-ORDER BY seq";
+ORDER BY seq"
+        )
+    };
+}
+/// The batch read ([`fetch!`]) without the keys [`WAITING`] found ($4, $5,
+/// $6) nor their later rows; the floor is $7.
+const FETCH: &str = fetch!(
+    "$7",
+    "
+      AND NOT EXISTS (
+          SELECT 1 FROM unnest($4::text[], $5::text[], $6::int8[]) AS b(topic, key, seq)
+          WHERE b.key = o.key AND b.topic = o.topic AND b.seq < o.seq
+      )"
+);
+
+/// [`FETCH`] when no key waits (the usual case): without the anti join,
+/// evaluated per candidate row even against empty arrays (~1 ms of a
+/// 1000-row read). The floor is $4.
+const FETCH_NONE_WAITING: &str = fetch!("$4", "");
 
 /// Prefixes a statement with the leases it is fenced by: the partitions
 /// this relay ($1) still holds with the epochs it read its rows under ($2,
@@ -207,6 +227,15 @@ impl RelayStore for PgConnection {
             .bind(partitions)
             .fetch_all(&mut *self)
             .await?;
+        if waiting.is_empty() {
+            return sqlx::query_as(FETCH_NONE_WAITING)
+                .bind(partitions)
+                .bind(limit)
+                .bind(max_bytes)
+                .bind(after)
+                .fetch_all(self)
+                .await;
+        }
         let mut topics = Vec::with_capacity(waiting.len());
         let mut keys = Vec::with_capacity(waiting.len());
         let mut seqs = Vec::with_capacity(waiting.len());
