@@ -36,7 +36,8 @@
 //! Scale with `BENCH_PEERS_BACKLOGS` (default `200000,1000000`),
 //! `BENCH_PEERS_RATES` (default `1000,5000,10000`), `BENCH_PEERS_SECONDS`
 //! (per steady rate, default 10), `BENCH_PEERS_PHASES` (default
-//! `drain,steady,writer,recovery`). `BENCH_RELAY_LOG` sets the relay's
+//! `drain,steady,writer,recovery`); `BENCH_PEERS_SYSTEMS=consign` (or
+//! `debezium`) drains one system alone. `BENCH_RELAY_LOG` sets the relay's
 //! `RUST_LOG` (default `warn`); `BENCH_PEERS_SHOW_LOGS=1` prints each
 //! process's output when it stops. `BENCH_DEBEZIUM_PROPERTIES` adds engine or
 //! connector properties to Debezium's defaults, comma-separated
