@@ -166,6 +166,12 @@ impl Publisher {
         }
     }
 
+    /// Fails the messages still queued in the producer (not yet sent) as
+    /// purged: their rows count as unknown and are sent again.
+    pub(crate) fn purge_queued(&self) {
+        self.producer.purge(PurgeConfig::default().queue());
+    }
+
     /// Whether librdkafka declared the producer unusable.
     pub(crate) fn is_fatal(&self) -> bool {
         self.producer.client().fatal_error().is_some()

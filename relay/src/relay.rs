@@ -386,9 +386,11 @@ impl Relay {
             && let Some(ahead) = self.ahead.take()
         {
             // The refusal that stopped the producer may be the batch read
-            // ahead's: settle it too before the producer goes (its answers
-            // come from the stopped producer; rows without one stay and are
-            // read again, behind the refused row).
+            // ahead's: settle it too before the producer goes. Its rows not
+            // yet sent fail at once as purged; those in flight get the
+            // broker's answer. Rows without a delivery stay and are read
+            // again, behind the refused row.
+            publisher.purge_queued();
             refused |= self.settle_sent(ahead, shutdown).await?;
         }
         if let Publishers::Shared(publisher) = &mut self.publisher
