@@ -79,6 +79,21 @@ struct InFlight {
     sent: Sent,
 }
 
+impl InFlight {
+    /// Hands `rows`, read under `owned` above `after`, to the producer.
+    async fn send(publisher: &Publisher, rows: Vec<OutboxRow>, owned: Owned, after: i64) -> Self {
+        let refs: Vec<&OutboxRow> = rows.iter().collect();
+        let produce = info_span!("consign.relay.produce", rows = rows.len());
+        let sent = publisher.send_batch(&refs).instrument(produce).await;
+        Self {
+            rows,
+            owned,
+            after,
+            sent,
+        }
+    }
+}
+
 /// The producer(s): one shared idempotent producer, or one transactional
 /// producer per leased partition.
 pub(crate) enum Publishers {
@@ -339,31 +354,20 @@ impl Relay {
             self.floor.settled(after, None, true);
             return Ok(Some(0));
         }
-        metrics::histogram!(crate::metrics::BATCH_ROWS)
-            .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
-        let grace = self.settings.shutdown_timeout;
-        let produce = info_span!("consign.relay.produce", rows = rows.len());
         match &mut self.publisher {
             Publishers::Shared(publisher) => {
-                let refs: Vec<&OutboxRow> = rows.iter().collect();
-                let sent = publisher.send_batch(&refs).instrument(produce).await;
-                let batch = InFlight {
-                    rows,
-                    owned,
-                    after,
-                    sent,
-                };
+                let batch = InFlight::send(publisher, rows, owned, after).await;
                 self.finish(batch, shutdown).await.map(Some)
             }
             Publishers::PerPartition(transactional) => {
+                let produce = info_span!("consign.relay.produce", rows = rows.len());
+                let grace = self.settings.shutdown_timeout;
                 let (outcomes, fenced) = transactional
                     .publish(&rows, &owned, drained, shutdown, grace)
                     .instrument(produce)
                     .await;
                 self.ownership.forget(&fenced);
-                self.settle(&rows, &outcomes, &owned).await?;
-                self.floor
-                    .settled(after, newest(&rows), all_delivered(&outcomes));
+                self.settle_read(&rows, &outcomes, &owned, after).await?;
                 Ok(Some(rows.len()))
             }
         }
@@ -423,9 +427,22 @@ impl Relay {
             .wait(shutdown, self.settings.shutdown_timeout)
             .instrument(produce)
             .await;
-        self.settle(&rows, &outcomes, &owned).await?;
+        self.settle_read(&rows, &outcomes, &owned, after).await
+    }
+
+    /// Settles a batch read above `after` (see [`settle`](Self::settle))
+    /// and moves the floor past it. Returns whether the broker or producer
+    /// refused a row.
+    async fn settle_read(
+        &mut self,
+        rows: &[OutboxRow],
+        outcomes: &[Outcome],
+        owned: &Owned,
+        after: i64,
+    ) -> Result<bool> {
+        self.settle(rows, outcomes, owned).await?;
         self.floor
-            .settled(after, newest(&rows), all_delivered(&outcomes));
+            .settled(after, newest(rows), all_delivered(outcomes));
         Ok(outcomes.iter().any(|o| matches!(o, Outcome::Failed { .. })))
     }
 
@@ -463,18 +480,9 @@ impl Relay {
         let Publishers::Shared(publisher) = &self.publisher else {
             return;
         };
-        metrics::histogram!(crate::metrics::BATCH_ROWS)
-            .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
-        let refs: Vec<&OutboxRow> = rows.iter().collect();
-        let produce = info_span!("consign.relay.produce", rows = rows.len());
-        let sent = publisher.send_batch(&refs).instrument(produce).await;
+        let ahead = InFlight::send(publisher, rows, batch.owned.clone(), after).await;
         self.floor.read_ahead(after);
-        self.ahead = Some(InFlight {
-            rows,
-            owned: batch.owned.clone(),
-            after,
-            sent,
-        });
+        self.ahead = Some(ahead);
     }
 
     /// At shutdown: waits for the batch sent ahead (at most
@@ -536,6 +544,8 @@ impl Relay {
             .await?;
         if let Some(newest) = newest(&rows) {
             self.read_up_to(newest);
+            metrics::histogram!(crate::metrics::BATCH_ROWS)
+                .record(f64::from(u32::try_from(rows.len()).unwrap_or(u32::MAX)));
         }
         debug!(after, rows = rows.len(), "batch read");
         if after > 0 {

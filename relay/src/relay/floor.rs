@@ -185,6 +185,17 @@ mod tests {
         }
     }
 
+    /// A floor on which every `seq` up to `decided` is decided, and
+    /// `first_failed` waits for a retry.
+    fn decided_up_to(decided: i64, first_failed: Option<i64>) -> Floor {
+        let t0 = Instant::now();
+        let t1 = t0 + SETTLED_AFTER;
+        let mut floor = Floor::new();
+        floor.observe(horizon(true, decided, None), t0, t0);
+        floor.observe(horizon(true, decided, first_failed), t1, t1);
+        floor
+    }
+
     #[test]
     fn a_value_is_decided_only_by_a_quiet_snapshot_settled_after_it() {
         let t0 = Instant::now();
@@ -204,11 +215,7 @@ mod tests {
 
     #[test]
     fn the_floor_stays_below_undecided_and_waiting_rows() {
-        let t0 = Instant::now();
-        let t1 = t0 + SETTLED_AFTER;
-        let mut floor = Floor::new();
-        floor.observe(horizon(true, 1000, None), t0, t0);
-        floor.observe(horizon(true, 5000, Some(700)), t1, t1);
+        let mut floor = decided_up_to(1000, Some(700));
         let owned = Owned::from([(0, 1)]);
         assert_eq!(floor.start(&owned, Duration::from_secs(60)), 0);
         assert_eq!(floor.ahead(0, 500), None, "a read from the start");
@@ -218,7 +225,9 @@ mod tests {
         assert_eq!(floor.ahead(500, 900), None, "row 700 waits for a retry");
         floor.settled(500, Some(900), true);
         assert_eq!(floor.after, 699);
-        floor.observe(horizon(true, 5000, None), t1, t1);
+        // The retry went through; values read now are not decided yet.
+        let now = Instant::now() + SETTLED_AFTER;
+        floor.observe(horizon(true, 5000, None), now, now);
         floor.settled(699, Some(1200), true);
         assert_eq!(floor.after, 1000, "only decided values");
         assert_eq!(floor.start(&owned, Duration::from_secs(60)), 1000);
@@ -228,11 +237,7 @@ mod tests {
 
     #[test]
     fn failures_lease_changes_and_full_reads_reset_it() {
-        let t0 = Instant::now();
-        let t1 = t0 + SETTLED_AFTER;
-        let mut floor = Floor::new();
-        floor.observe(horizon(true, 1000, None), t0, t0);
-        floor.observe(horizon(true, 1000, None), t1, t1);
+        let mut floor = decided_up_to(1000, None);
         let owned = Owned::from([(0, 1)]);
         floor.start(&owned, Duration::from_secs(60));
         floor.settled(0, Some(300), true);
