@@ -10,7 +10,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use consign::{Message, Outbox, relay::Relay};
+use consign::{Message, relay::Relay};
 use consign_test_support::{
     ChildProcess, KafkaCluster, Received, RelayProcess, TestBroker, TopicReader, db,
     effects::{self, TestMessage, produce, tally},
@@ -54,9 +54,7 @@ async fn backlog_of_one_partition(pool: &PgPool, topic: &str, rows: usize) -> Ve
                 .with_header("index", i.to_string())
         })
         .collect();
-    let mut tx = pool.begin().await.unwrap();
-    Outbox::new().enqueue_batch(&mut *tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    db::enqueue_all(pool, &msgs).await.unwrap();
     msgs.iter().map(Message::id).collect()
 }
 

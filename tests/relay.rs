@@ -258,12 +258,6 @@ broker_test! {
     }
 }
 
-async fn enqueue_all(pool: &PgPool, msgs: &[Message]) {
-    let mut tx = pool.begin().await.unwrap();
-    Outbox::new().enqueue_batch(&mut *tx, msgs).await.unwrap();
-    tx.commit().await.unwrap();
-}
-
 async fn row_state(pool: &PgPool, id: Uuid) -> Option<(i32, Option<String>)> {
     sqlx::query_as("SELECT attempts, last_error FROM consign_outbox WHERE id = $1")
         .bind(id)
@@ -314,7 +308,9 @@ async fn refused_row_is_not_overtaken_by_its_key(pool: &PgPool, transactions: bo
     // sequence number from a producer id it has no state for, so only a
     // producer with history there gets a2 refused as out of sequence.
     let warm_up = Message::new(&topic, "WarmUp", b"w".to_vec()).with_key("w");
-    enqueue_all(&pool, std::slice::from_ref(&warm_up)).await;
+    db::enqueue_all(&pool, std::slice::from_ref(&warm_up))
+        .await
+        .unwrap();
     let relay = relay(&pool, &broker)
         .kafka("linger.ms", "0")
         .kafka("batch.num.messages", "1")
@@ -327,7 +323,9 @@ async fn refused_row_is_not_overtaken_by_its_key(pool: &PgPool, transactions: bo
         .unwrap()
         .spawn();
     drained(&pool).await;
-    enqueue_all(&pool, &[a1.clone(), a2.clone(), b.clone()]).await;
+    db::enqueue_all(&pool, &[a1.clone(), a2.clone(), b.clone()])
+        .await
+        .unwrap();
     relay.wake();
     let (attempts, error) = eventually("the refused row to be retried", WAIT, || async {
         Ok(row_state(&pool, a1.id()).await.filter(|(a, _)| *a >= 3))
@@ -361,14 +359,11 @@ async fn refused_row_is_not_overtaken_by_its_key(pool: &PgPool, transactions: bo
     reader.read_distinct(4, WAIT).await.unwrap();
     drained(&pool).await;
     relay.shutdown().await.unwrap();
-    let mut a = Vec::new();
-    for r in reader.received() {
-        let id = r.id().unwrap();
-        if r.key.as_deref() == Some("a") && !a.contains(&id) {
-            a.push(id);
-        }
-    }
-    assert_eq!(a, vec![a1.id(), a2.id()], "key a out of order");
+    assert_eq!(
+        reader.first_arrivals("a"),
+        vec![a1.id(), a2.id()],
+        "key a out of order"
+    );
 }
 
 #[sqlx::test(migrator = "consign::MIGRATOR")]
@@ -393,7 +388,7 @@ async fn row_refused_by_the_broker_keeps_its_error_while_other_rows_flow(pool: P
     msgs.extend(
         (0..50).map(|i| Message::new(&good, "Ok", vec![i]).with_key(format!("k-{}", i % 5))),
     );
-    enqueue_all(&pool, &msgs).await;
+    db::enqueue_all(&pool, &msgs).await.unwrap();
 
     let relay = relay(&pool, &broker).build().unwrap().spawn();
     let mut reader = TopicReader::new(broker.bootstrap(), &good).unwrap();
@@ -433,7 +428,7 @@ broker_test! {
         let big = Message::new(&topic, "Big", vec![7; 20_000]).with_key("a");
         let after_big = Message::new(&topic, "AfterBig", b"small".to_vec()).with_key("a");
         let other = Message::new(&topic, "Other", b"small".to_vec()).with_key("b");
-        enqueue_all(&pool, &[big.clone(), after_big.clone(), other.clone()]).await;
+        db::enqueue_all(&pool, &[big.clone(), after_big.clone(), other.clone()]).await.unwrap();
 
         let relay = relay(&pool, &broker)
             .kafka("message.max.bytes", "10000")
@@ -495,7 +490,7 @@ async fn write_events(
             })
             .collect();
         ids.extend(msgs.iter().map(Message::id));
-        enqueue_all(pool, &msgs).await;
+        db::enqueue_all(pool, &msgs).await.unwrap();
         relay.wake();
         tokio::time::sleep(pace).await;
     }
@@ -641,7 +636,7 @@ async fn a_failure_while_recording_a_batch_does_not_count_its_rows_as_fenced(poo
         .collect();
     let mut all = vec![big.clone()];
     all.extend(small.iter().cloned());
-    enqueue_all(&pool, &all).await;
+    db::enqueue_all(&pool, &all).await.unwrap();
 
     let relay = relay(&pool, &broker)
         .kafka("message.max.bytes", "10000")
@@ -681,7 +676,7 @@ async fn batches_are_capped_by_bytes(pool: PgPool) {
     let big: Vec<Message> = (0..6u8)
         .map(|i| Message::new(&topic, "Big", vec![i; 200 << 10]).with_key("k"))
         .collect();
-    enqueue_all(&pool, &big).await;
+    db::enqueue_all(&pool, &big).await.unwrap();
     let relay = relay(&pool, &broker)
         .settings({
             let mut settings = fast_relay_settings();

@@ -23,24 +23,6 @@ const WAIT: Duration = Duration::from_secs(90);
 /// snapshots from being quiet.
 static TURNS: Mutex<()> = Mutex::const_new(());
 
-async fn enqueue_all(pool: &PgPool, msgs: &[Message]) {
-    let mut tx = pool.begin().await.unwrap();
-    Outbox::new().enqueue_batch(&mut *tx, msgs).await.unwrap();
-    tx.commit().await.unwrap();
-}
-
-/// The first arrival of each id of `key`, in topic order.
-fn first_arrivals(reader: &TopicReader, key: &str) -> Vec<Uuid> {
-    let mut ids = Vec::new();
-    for record in reader.received() {
-        let id = record.id().unwrap();
-        if record.key.as_deref() == Some(key) && !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    ids
-}
-
 /// A transaction takes its row's `seq` and stays open while rows with
 /// higher `seq`s are written, read and published (the relay reads above a
 /// floor all the while). When it commits, its row lies below rows already
@@ -74,7 +56,7 @@ async fn a_row_committed_after_later_rows_were_read_keeps_its_key_order(pool: Pg
             let mut written = 0_u32;
             while !stop.is_cancelled() {
                 let row = Message::new(&topic, "Other", b"o".to_vec()).with_key("other");
-                enqueue_all(&pool, &[row]).await;
+                db::enqueue_all(&pool, &[row]).await.unwrap();
                 written += 1;
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
@@ -101,7 +83,9 @@ async fn a_row_committed_after_later_rows_were_read_keeps_its_key_order(pool: Pg
     tokio::time::sleep(Duration::from_secs(4)).await;
     open.commit().await.unwrap();
     let next = Message::new(&topic, "Next", b"2".to_vec()).with_key("k");
-    enqueue_all(&pool, std::slice::from_ref(&next)).await;
+    db::enqueue_all(&pool, std::slice::from_ref(&next))
+        .await
+        .unwrap();
     stop.cancel();
     let written = trickle.await.unwrap();
     relay.wake();
@@ -112,7 +96,7 @@ async fn a_row_committed_after_later_rows_were_read_keeps_its_key_order(pool: Pg
     db::wait_drained(&pool, WAIT).await.unwrap();
     relay.shutdown().await.unwrap();
     assert_eq!(
-        first_arrivals(&reader, "k"),
+        reader.first_arrivals("k"),
         vec![late.id(), next.id()],
         "the row committed late was overtaken by its key's next row ({written} other rows written meanwhile)"
     );
@@ -156,7 +140,7 @@ async fn a_refused_row_is_not_overtaken_by_its_key_in_the_batch_read_ahead(pool:
     for n in 0..300 {
         backlog.push(Message::new(&topic, "Tail", n.to_string().into_bytes()).with_key("b"));
     }
-    enqueue_all(&pool, &backlog).await;
+    db::enqueue_all(&pool, &backlog).await.unwrap();
 
     let mut settings = fast_relay_settings();
     settings.batch_size = 1;
@@ -183,7 +167,7 @@ async fn a_refused_row_is_not_overtaken_by_its_key_in_the_batch_read_ahead(pool:
     let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     reader.read_distinct(backlog.len() - 2, WAIT).await.unwrap();
     assert!(
-        !first_arrivals(&reader, "a").contains(&follower.id()),
+        !reader.first_arrivals("a").contains(&follower.id()),
         "the row read ahead reached the topic before the refused row of its key"
     );
     let stats = relay.stats();
@@ -202,7 +186,7 @@ async fn a_refused_row_is_not_overtaken_by_its_key_in_the_batch_read_ahead(pool:
     db::wait_drained(&pool, WAIT).await.unwrap();
     relay.shutdown().await.unwrap();
     assert_eq!(
-        first_arrivals(&reader, "a"),
+        reader.first_arrivals("a"),
         vec![refused.id(), follower.id()],
         "key a out of order (the refused row took {refused_attempts} attempts)"
     );
@@ -213,7 +197,7 @@ async fn a_refused_row_is_not_overtaken_by_its_key_in_the_batch_read_ahead(pool:
             .map(Message::id)
             .collect();
         assert_eq!(
-            first_arrivals(&reader, key),
+            reader.first_arrivals(key),
             expected,
             "key {key} out of order"
         );

@@ -7,7 +7,7 @@ use std::{
 };
 
 use consign::{
-    Message, Outbox,
+    Message,
     relay::{Relay, Status, status},
 };
 use consign_test_support::{
@@ -294,9 +294,7 @@ async fn transactions_mode_read_committed_sees_each_batch_whole_or_not_at_all(po
                 .with_header("index", i.to_string())
         })
         .collect();
-    let mut tx = pool.begin().await.unwrap();
-    Outbox::new().enqueue_batch(&mut *tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    db::enqueue_all(&pool, &msgs).await.unwrap();
     let ids: Vec<_> = msgs.iter().map(Message::id).collect();
 
     let config = relay_config(

@@ -19,6 +19,19 @@ pub async fn outbox_len(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+/// Commits `msgs` to the outbox in one transaction.
+///
+/// # Errors
+/// On a database error or a message the outbox refuses.
+pub async fn enqueue_all(pool: &PgPool, msgs: &[consign_outbox::Message]) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    consign_outbox::Outbox::new()
+        .enqueue_batch(&mut *tx, msgs)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Waits until the outbox is empty, for at most `timeout`.
 ///
 /// # Errors

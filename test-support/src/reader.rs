@@ -141,6 +141,27 @@ impl TopicReader {
         &self.received
     }
 
+    /// The `consign-id`s of `key`'s messages in the order they first
+    /// arrived (a duplicate does not count again).
+    ///
+    /// # Panics
+    /// If one of them has no `consign-id` header.
+    #[must_use]
+    pub fn first_arrivals(&self, key: &str) -> Vec<Uuid> {
+        let mut ids = Vec::new();
+        for id in self
+            .received
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(key))
+            .map(|r| r.id().expect("a message without a consign-id header"))
+        {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
     /// Distinct `consign-id`s read so far.
     #[must_use]
     pub fn distinct(&self) -> usize {
