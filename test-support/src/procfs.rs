@@ -1,6 +1,8 @@
 //! What the benchmarks read of a process from `/proc` (Linux): its CPU time
 //! and its peak resident memory.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 
 /// User plus system CPU seconds process `pid` has used so far
@@ -10,7 +12,11 @@ use anyhow::{Context, Result};
 /// # Errors
 /// If the process is gone or the file cannot be parsed.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    cpu_seconds_of(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+fn cpu_seconds_of(path: &Path) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command name (which may hold spaces) in parentheses;
     // utime and stime are fields 14 and 15 of the whole line.
     let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
@@ -27,6 +33,26 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
         .flatten()
         .map_or(100.0, |t| t as f64);
     Ok((field(11)? + field(12)?) / ticks)
+}
+
+/// CPU seconds the threads of process `pid` whose name starts with `prefix`
+/// have used so far (the sum of [`cpu_seconds`] over the matching
+/// `/proc/<pid>/task/<tid>`): e.g. `"C2 CompilerThre"`, a JVM's JIT.
+///
+/// # Errors
+/// If the process is gone.
+pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue; // the thread ended
+        };
+        if comm.starts_with(prefix) {
+            total += cpu_seconds_of(&task.join("stat")).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
 }
 
 /// Peak resident set size of process `pid` in KiB (`VmHWM` of

@@ -255,6 +255,13 @@ impl KafkaCluster {
         self.lock().iter().map(|n| n.id).collect()
     }
 
+    /// The pids of the running nodes' JVMs (for what the benchmarks read of
+    /// them in `/proc`).
+    #[must_use]
+    pub fn pids(&self) -> Vec<u32> {
+        self.lock().iter().filter_map(Node::pid).collect()
+    }
+
     /// `host:port` of node `id`'s broker listener.
     ///
     /// # Errors

@@ -141,6 +141,13 @@ log.segment.bytes=67108864
         Ok(())
     }
 
+    /// The JVM's pid while the node runs.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.process
+            .as_ref()
+            .and_then(|(_, _, pid)| u32::try_from(*pid).ok())
+    }
+
     pub(super) fn signal(&self, signal: Signal) -> Result<()> {
         let (_, _, pid) = self
             .process
