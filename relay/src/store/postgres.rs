@@ -68,32 +68,47 @@ SELECT (SELECT count(*) FROM (SELECT FROM consign_outbox LIMIT $1) AS capped),
 /// 367 ms per batch on 200k rows; against the small array it scans the
 /// primary key in `seq` order and stops at the limit (2 ms), with or without
 /// statistics.
+///
+/// The byte cap is a running sum over narrow rows (`seq` and size) that
+/// finds the last row within it; the rows themselves are then read in
+/// that `seq` range, in the same snapshot, so the same filters select the
+/// same prefix. A window over the whole rows copied each payload into the
+/// window's store: ~0.7 ms more per 1000-row read.
 macro_rules! fetch {
     ($after:literal, $waiting:literal) => {
         concat!(
-            "WITH candidates AS (
-    SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
-           o.traceparent, o.tracestate, o.created_at, o.attempts,
-           octet_length(o.payload) + coalesce(octet_length(o.key), 0)
-               + octet_length(o.headers::text) AS size
-    FROM consign_outbox o
-    WHERE o.partition = ANY($1)
-      AND o.seq > ",
+            "WITH cut AS (
+    SELECT max(seq) FILTER (WHERE upto <= $3 OR upto = size) AS last
+    FROM (
+        SELECT seq, size, sum(size) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
+        FROM (
+            SELECT o.seq,
+                   octet_length(o.payload) + coalesce(octet_length(o.key), 0)
+                       + octet_length(o.headers::text) AS size
+            FROM consign_outbox o
+            WHERE o.partition = ANY($1)
+              AND o.seq > ",
             $after,
             "
-      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())",
+              AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())",
             $waiting,
             "
-    ORDER BY o.seq
-    LIMIT $2
-), running AS (
-    SELECT *, sum(size) OVER (ORDER BY seq) AS upto FROM candidates
+            ORDER BY o.seq
+            LIMIT $2
+        ) AS candidates
+    ) AS running
 )
-SELECT seq, id, partition, topic, key, event_type, payload, headers,
-       traceparent, tracestate, created_at, attempts
-FROM running
-WHERE upto <= $3 OR upto = size
-ORDER BY seq"
+SELECT o.seq, o.id, o.partition, o.topic, o.key, o.event_type, o.payload, o.headers,
+       o.traceparent, o.tracestate, o.created_at, o.attempts
+FROM consign_outbox o
+WHERE o.partition = ANY($1)
+  AND o.seq > ",
+            $after,
+            " AND o.seq <= (SELECT last FROM cut)
+  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())",
+            $waiting,
+            "
+ORDER BY o.seq"
         )
     };
 }
