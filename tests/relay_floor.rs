@@ -204,3 +204,50 @@ async fn a_refused_row_is_not_overtaken_by_its_key_in_the_batch_read_ahead(pool:
     }
     println!("{stats:?}");
 }
+
+/// A backlog drained in batches of 100, each delivered batch deleted in a
+/// task of its own while the next is read, with a full read from the start
+/// due every 50 ms (the testing profile's `max-poll-interval`). A read from
+/// the start must wait for the delete behind it, or it finds that batch's
+/// rows again and sends them twice; reads above the floor need not.
+#[sqlx::test(migrator = "consign::MIGRATOR")]
+async fn reads_from_the_start_wait_for_the_delete_behind(pool: PgPool) {
+    let _turn = TURNS.lock().await;
+    let broker = TestBroker::start().unwrap();
+    let topic = unique_topic("floor-behind");
+    broker.create_topic(&topic, 4).await.unwrap();
+    let backlog: Vec<Message> = (0..60_000)
+        .map(|n| {
+            Message::new(&topic, "Step", n.to_string().into_bytes())
+                .with_key(format!("k{}", n % 50))
+        })
+        .collect();
+    db::enqueue_all(&pool, &backlog).await.unwrap();
+    let mut settings = fast_relay_settings();
+    settings.batch_size = 100;
+    let relay = Relay::builder(pool.clone())
+        .kafka("bootstrap.servers", broker.bootstrap())
+        .settings(settings)
+        .build()
+        .unwrap()
+        .spawn();
+
+    let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
+    reader.read_distinct(backlog.len(), WAIT).await.unwrap();
+    db::wait_drained(&pool, WAIT).await.unwrap();
+    let stats = relay.stats();
+    relay.shutdown().await.unwrap();
+    // Whatever arrives late arrives within the reader's short wait.
+    let _ = reader
+        .read_distinct(backlog.len() + 1, Duration::from_secs(2))
+        .await;
+    assert!(
+        stats.reads_above_floor > 0,
+        "the relay never read above a floor ({stats:?}): this test proves less than it says"
+    );
+    assert_eq!(
+        reader.duplicates(),
+        0,
+        "rows sent twice without any fault ({stats:?})"
+    );
+}

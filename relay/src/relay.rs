@@ -67,6 +67,18 @@ pub struct Relay {
     /// A batch read and sent ahead while the previous one was acknowledged,
     /// to be settled by the next round.
     ahead: Option<InFlight>,
+    /// A delivered batch being deleted in a task of its own while the next
+    /// is read and acknowledged.
+    settling: Option<Behind>,
+}
+
+/// A delivered batch settling in its own task: every read that could see
+/// its rows again (below `newest`), every lease change and every other
+/// settle waits for it first.
+struct Behind {
+    task: settle::Settling,
+    /// The highest `seq` of its rows.
+    newest: i64,
 }
 
 /// A batch sent with the shared producer, its acknowledgements pending.
@@ -147,6 +159,7 @@ impl Relay {
             newest_read: 0,
             floor: floor::Floor::new(),
             ahead: None,
+            settling: None,
         }
     }
 
@@ -220,7 +233,7 @@ impl Relay {
             .take()
             .map(|sampler| tokio::spawn(sampler.run(stop_coordinator.clone())));
         let result = self.publish_until(&shutdown).await;
-        self.settle_ahead(&shutdown).await;
+        self.settle_last(&shutdown).await;
         stop_coordinator.cancel();
         if let Err(error) = coordinator.await {
             warn!(%error, "lease coordinator task failed");
@@ -329,6 +342,10 @@ impl Relay {
         if let Some(ahead) = self.ahead.take() {
             return self.finish(ahead, shutdown).await.map(Some);
         }
+        if !self.ownership.to_release().is_empty() {
+            // Its delete is fenced by the leases about to go.
+            self.settled_behind().await?;
+        }
         self.release_surplus().await?;
         let mut owned = self.ownership.current();
         if let Publishers::PerPartition(transactional) = &mut self.publisher {
@@ -344,6 +361,14 @@ impl Relay {
         }
         self.observe_horizon(&owned).await?;
         let after = self.floor.start(&owned, self.settings.max_poll_interval);
+        if self
+            .settling
+            .as_ref()
+            .is_some_and(|behind| after < behind.newest)
+        {
+            // This read could find its rows again.
+            self.settled_behind().await?;
+        }
         let rows = self.read(&owned, after, false).await?;
         tracing::Span::current().record("fetched", rows.len());
         let drained = rows.len() < self.batch_limit();
@@ -415,6 +440,12 @@ impl Relay {
     /// Waits for a sent batch's acknowledgements (while the producer lives,
     /// librdkafka answers every message within `message.timeout.ms`) and
     /// settles it. Returns whether the broker or producer refused a row.
+    ///
+    /// A batch all delivered is deleted in a task of its own (after the one
+    /// before it), so that the delete overlaps the next batch's read and
+    /// acknowledgements; the floor moves past it at once. A batch with a
+    /// row not delivered settles here: its errors must be recorded before
+    /// the next read, which holds back its keys' later rows.
     async fn settle_sent(&mut self, batch: InFlight, shutdown: &CancellationToken) -> Result<bool> {
         let InFlight {
             rows,
@@ -427,7 +458,16 @@ impl Relay {
             .wait(shutdown, self.settings.shutdown_timeout)
             .instrument(produce)
             .await;
-        self.settle_read(&rows, &outcomes, &owned, after).await
+        match newest(&rows) {
+            Some(newest) if all_delivered(&outcomes) => {
+                self.settled_behind().await?;
+                self.floor.settled(after, Some(newest), true);
+                let task = self.settler().spawn(rows, outcomes, owned);
+                self.settling = Some(Behind { task, newest });
+                Ok(false)
+            }
+            _ => self.settle_read(&rows, &outcomes, &owned, after).await,
+        }
     }
 
     /// Settles a batch read above `after` (see [`settle`](Self::settle))
@@ -440,7 +480,8 @@ impl Relay {
         owned: &Owned,
         after: i64,
     ) -> Result<bool> {
-        self.settle(rows, outcomes, owned).await?;
+        self.settled_behind().await?;
+        self.settler().settle(rows, outcomes, owned).await?;
         self.floor
             .settled(after, newest(rows), all_delivered(outcomes));
         Ok(outcomes.iter().any(|o| matches!(o, Outcome::Failed { .. })))
@@ -485,20 +526,25 @@ impl Relay {
         self.ahead = Some(ahead);
     }
 
-    /// At shutdown: waits for the batch sent ahead (at most
-    /// `shutdown-timeout`) and settles it. If that fails its rows stay and
-    /// are sent again.
-    async fn settle_ahead(&mut self, shutdown: &CancellationToken) {
-        let Some(ahead) = self.ahead.take() else {
-            return;
-        };
+    /// At shutdown: waits for the batch sent ahead and settles it, and for
+    /// the batch settling in its own task (at most `shutdown-timeout` in
+    /// all). If that fails their rows stay and are sent again.
+    async fn settle_last(&mut self, shutdown: &CancellationToken) {
         let limit = self.settings.shutdown_timeout + SETTLE_AFTER_SHUTDOWN;
-        match tokio::time::timeout(limit, self.settle_sent(ahead, shutdown)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                warn!(%error, "could not settle the batch sent ahead; its rows are sent again");
+        let settle = async {
+            if let Some(ahead) = self.ahead.take() {
+                self.settle_sent(ahead, shutdown).await?;
             }
-            Err(_) => warn!("the batch sent ahead did not settle in time; its rows are sent again"),
+            self.settled_behind().await
+        };
+        match tokio::time::timeout(limit, settle).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(%error, "could not settle the last batches sent; their rows are sent again");
+            }
+            Err(_) => {
+                warn!("the last batches sent did not settle in time; their rows are sent again");
+            }
         }
     }
 

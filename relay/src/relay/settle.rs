@@ -1,20 +1,76 @@
 //! Settling a batch: deleting what the broker acknowledged, recording what
 //! it refused, both fenced by the leases the rows were read under.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 
 use super::Relay;
 use crate::{
-    Error, Result,
-    lease::Owned,
+    Error, RelaySettings, Result,
+    builder::PublishedHook,
+    deadline::Db,
+    handle::Stats,
+    lease::{Owned, Ownership},
     publish::Outcome,
     store::{Failure, Fence, OutboxRow, RelayStore as _},
 };
 
+/// What settling a batch needs of its relay, owned, so that a delivered
+/// batch can settle in a task of its own while the relay reads the next.
+#[derive(Clone)]
+pub(super) struct Settler {
+    db: Db,
+    instance: String,
+    settings: RelaySettings,
+    on_published: Option<PublishedHook>,
+    stats: Arc<Stats>,
+    ownership: Arc<Ownership>,
+}
+
+/// A batch settling in its own task (see [`Settler::spawn`]).
+pub(super) type Settling = tokio::task::JoinHandle<Result<()>>;
+
 impl Relay {
+    /// What settling a batch needs of this relay.
+    pub(super) fn settler(&self) -> Settler {
+        Settler {
+            db: self.db.clone(),
+            instance: self.instance.clone(),
+            settings: self.settings.clone(),
+            on_published: self.on_published.clone(),
+            stats: Arc::clone(&self.stats),
+            ownership: Arc::clone(&self.ownership),
+        }
+    }
+
+    /// Waits for the batch settling in its own task, if any, and returns
+    /// its result.
+    pub(super) async fn settled_behind(&mut self) -> Result<()> {
+        let Some(behind) = self.settling.take() else {
+            return Ok(());
+        };
+        match behind.task.await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(Error::Task(error.to_string())),
+        }
+    }
+}
+
+impl Settler {
+    /// Settles `rows` in a task of its own, in the current span.
+    pub(super) fn spawn(
+        self,
+        rows: Vec<OutboxRow>,
+        outcomes: Vec<Outcome>,
+        owned: Owned,
+    ) -> Settling {
+        let span = tracing::Span::current();
+        tokio::spawn(async move { self.settle(&rows, &outcomes, &owned).await }.instrument(span))
+    }
+
     /// Deletes delivered rows and records failures, retrying briefly if the
     /// database connection dropped while the batch was in flight. Both are
     /// fenced by the leases the rows were read under.
@@ -103,7 +159,7 @@ impl Relay {
     /// After a fenced delete: stops publishing the partitions of `owned`
     /// whose leases are no longer this relay's.
     /// Returns those partitions.
-    pub(super) async fn forget_lost(&self, owned: &Owned) -> Result<Vec<i16>> {
+    async fn forget_lost(&self, owned: &Owned) -> Result<Vec<i16>> {
         let fence = Fence {
             instance: &self.instance,
             owned,
