@@ -247,21 +247,7 @@ async fn warm_broker(kafka: &KafkaCluster) -> Result<()> {
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
         .create()?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("consign-peers-warmup-{}", Uuid::now_v7()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment.add_partition_offset("peers_warmup", partition, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
+    let consumer = reading_from_start(bootstrap, "peers_warmup")?;
     let keys: Vec<String> = (0..1000).map(|i| format!("key-{i}")).collect();
     let bodies: Vec<String> = keys.iter().map(|key| payload(key, 0)).collect();
     let id = Uuid::now_v7().to_string();
@@ -753,23 +739,30 @@ struct Reader {
 /// the reader fetches from every partition; not events, not counted.
 const PRIMER: &str = "peers-primer";
 
+/// A `read_committed` consumer of a group of its own, assigned every
+/// partition of `topic` from its start.
+fn reading_from_start(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("consign-peers-{}", Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
 impl Reader {
     /// Starts reading `topic` and returns once the reader fetches from every
     /// partition (it has read a primer record written to each), so that a
     /// latency measured from it holds no consumer start-up.
     async fn start(bootstrap: &str, topic: &str, system: System) -> Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", format!("consign-peers-{}", Uuid::now_v7()))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "5")
-            .create()?;
-        let mut assignment = TopicPartitionList::new();
-        for partition in 0..PARTITIONS {
-            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
+        let consumer = reading_from_start(bootstrap, topic)?;
         let expected = Arc::new(AtomicUsize::new(usize::MAX));
         let stop = Arc::new(AtomicBool::new(false));
         let distinct = Arc::new(AtomicUsize::new(0));
