@@ -470,7 +470,7 @@ impl Relay {
         }
     }
 
-    /// Settles a batch read above `after` (see [`settle`](Self::settle))
+    /// Settles a batch read above `after` (see [`Settler::settle`](settle::Settler::settle))
     /// and moves the floor past it. Returns whether the broker or producer
     /// refused a row.
     async fn settle_read(
