@@ -3,7 +3,7 @@
 //!
 //! The archive table `consign_outbox_archive` is partitioned by UTC day of
 //! publication (`consign_outbox_archive_YYYYMMDD`, created ahead by the
-//! relay); [`cleanup`] drops whole partitions older than the retention with
+//! relay); [`cleanup_archive`] drops whole partitions older than the retention with
 //! `DROP TABLE`, so retention costs the same for a thousand rows as for a
 //! billion, and leaves no dead tuples to vacuum.
 
