@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
-use consign::{Message, Outbox, Relay, relay::RelayStats};
+use consign::{
+    Message, Outbox, Relay,
+    relay::{RelayHandle, RelaySettings, RelayStats},
+};
 use consign_test_support::{
     TestBroker, TopicReader, db, eventually, fast_relay_settings, unique_topic,
 };
@@ -22,6 +25,23 @@ const WAIT: Duration = Duration::from_secs(90);
 /// One test at a time: each one's open transactions would keep the other's
 /// snapshots from being quiet.
 static TURNS: Mutex<()> = Mutex::const_new(());
+
+/// A relay on `pool` publishing to `bootstrap` with `settings`, plus the
+/// producer properties `kafka`.
+fn spawn_relay(
+    pool: &PgPool,
+    bootstrap: &str,
+    kafka: &[(&str, &str)],
+    settings: RelaySettings,
+) -> RelayHandle {
+    Relay::builder(pool.clone())
+        .kafka("bootstrap.servers", bootstrap)
+        .kafka_properties(kafka.iter().copied())
+        .settings(settings)
+        .build()
+        .unwrap()
+        .spawn()
+}
 
 /// A transaction takes its row's `seq` and stays open while rows with
 /// higher `seq`s are written, read and published (the relay reads above a
@@ -40,12 +60,7 @@ async fn a_row_committed_after_later_rows_were_read_keeps_its_key_order(pool: Pg
     let mut settings = fast_relay_settings();
     // No full read comes to the rescue during the test.
     settings.max_poll_interval = Duration::from_secs(30);
-    let relay = Relay::builder(pool.clone())
-        .kafka("bootstrap.servers", broker.bootstrap())
-        .settings(settings)
-        .build()
-        .unwrap()
-        .spawn();
+    let relay = spawn_relay(&pool, broker.bootstrap(), &[], settings);
 
     // A steady trickle of other rows keeps the relay reading (and
     // sampling the outbox's horizon) throughout.
@@ -145,14 +160,12 @@ async fn a_refused_row_is_not_overtaken_by_its_key_in_the_batch_read_ahead(pool:
     let mut settings = fast_relay_settings();
     settings.batch_size = 1;
     settings.max_poll_interval = Duration::from_secs(30);
-    let relay = Relay::builder(pool.clone())
-        .kafka("bootstrap.servers", broker.bootstrap())
-        .kafka("linger.ms", "0")
-        .kafka("batch.num.messages", "1")
-        .settings(settings)
-        .build()
-        .unwrap()
-        .spawn();
+    let relay = spawn_relay(
+        &pool,
+        broker.bootstrap(),
+        &[("linger.ms", "0"), ("batch.num.messages", "1")],
+        settings,
+    );
 
     let refused_attempts = eventually("the refused row to be retried", WAIT, || async {
         let attempts: Option<i32> =
@@ -225,12 +238,7 @@ async fn reads_from_the_start_wait_for_the_delete_behind(pool: PgPool) {
     db::enqueue_all(&pool, &backlog).await.unwrap();
     let mut settings = fast_relay_settings();
     settings.batch_size = 100;
-    let relay = Relay::builder(pool.clone())
-        .kafka("bootstrap.servers", broker.bootstrap())
-        .settings(settings)
-        .build()
-        .unwrap()
-        .spawn();
+    let relay = spawn_relay(&pool, broker.bootstrap(), &[], settings);
 
     let mut reader = TopicReader::new(broker.bootstrap(), &topic).unwrap();
     reader.read_distinct(backlog.len(), WAIT).await.unwrap();
